@@ -1,0 +1,67 @@
+"""Distribution Matching Distillation losses: distribution matching, fake score, regression.
+
+Yin et al., "One-step Diffusion with Distribution Matching Distillation", arXiv 2311.18828.
+The generator follows the gradient of KL(p_fake || p_real) between the diffused output and data
+distributions (§3.2, Eq. 7): s_real - s_fake, estimated with the frozen teacher (real score) and a
+fake score trained online on the generator's own samples (Eq. 6), plus a regression loss to the
+teacher's noise -> image pairs (§3.3, Eq. 9). Each loss is a function returning a tensor.
+"""
+import torch
+import torch.nn.functional as F
+
+from .denoiser import append_dims, denoising_loss
+from .sampler import karras_sigmas
+
+
+def sigma_levels(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
+    """The discrete noise grid [num_levels], ascending: index 0 is sigma_min, the last sigma_max."""
+    return karras_sigmas(num_levels, sigma_min, sigma_max, rho, device)[:-1].flip(0).float()
+
+
+def draw_sigmas(levels, batch_size, lo=0, hi=None):
+    """One sigma per sample [B], uniform over the grid indices lo..hi (inclusive)."""
+    hi = len(levels) - 1 if hi is None else hi
+    index = torch.randint(lo, hi + 1, (batch_size,), device=levels.device)
+    return levels[index]
+
+
+@torch.no_grad()
+def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
+    """The per-sample DMD update direction [B, ...] (DMD Eq. 7-8, Algorithm 2).
+
+    grad = w (mu_fake - mu_real), with mu = D(x + sigma n; sigma). Since s = (mu - x_t) / sigma^2,
+    this is proportional to s_fake - s_real, so x - grad moves x towards "more real, less fake".
+    w = 1 / mean|x - mu_real| (per sample, in fp32) normalises the gradient's size across sigmas.
+    real_score_only: grad = w (x - mu_real), following the real score alone (the paper's Fig. 3
+    ablation, which collapses onto the nearest mode).
+    """
+    x = x.float()
+    x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    mu_real = teacher(x_t, sigma, class_labels)
+    mu_fake = x if real_score_only else fake_score(x_t, sigma, class_labels)
+    w = 1 / ((x - mu_real).abs().flatten(1).mean(1) + 1e-8)          # [B]   Eq. 8
+    grad = append_dims(w, x.ndim) * (mu_fake - mu_real)
+    return torch.nan_to_num(grad)
+
+
+def distribution_matching_loss(x, grad):
+    """0.5 mean((x - sg(x - grad))^2): its gradient with respect to x is grad / x.numel().
+
+    The stop-gradient target turns the score difference, which is not the gradient of any loss we
+    can write down, into one autograd carries back through the generator.
+    """
+    target = (x.float() - grad).detach()
+    return 0.5 * F.mse_loss(x.float(), target)
+
+
+def fake_score_loss(fake_score, x, levels, class_labels=None):
+    """The fake score's denoising loss on detached generator samples, sigma uniform over the grid (Eq. 6)."""
+    sigma = draw_sigmas(levels, x.shape[0])
+    return denoising_loss(fake_score, x.detach().float(), sigma, class_labels).mean()
+
+
+def regression_loss(x, y, lpips=None):
+    """Regression of G(z_pair) onto the teacher's ODE output y (Eq. 9): LPIPS for images, else MSE."""
+    if lpips is None:
+        return F.mse_loss(x.float(), y.float())
+    return lpips(x, y).mean()

@@ -1,0 +1,36 @@
+"""Pictures shared by the training report and the tutorials: scatter panels and loss curves."""
+import matplotlib
+
+matplotlib.use("Agg")   # files only; notebooks switch to their inline backend themselves
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def scatter_panels(panels, path=None, lim=6.0, max_points=5000):
+    """Side-by-side scatter plots of 2D samples, one panel per {title: x [N, 2]}."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, x) in zip(axes[0], panels.items()):
+        x = x[:max_points]
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4, rasterized=True)
+        ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def loss_curves(curves, path=None):
+    """One panel per {title: (steps, values)}, log-scaled where the values are positive."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves), 3.0), squeeze=False)
+    for ax, (title, (steps, values)) in zip(axes[0], curves.items()):
+        ax.plot(steps, values)
+        ax.set(title=title, xlabel="step")
+        if len(values) and min(values) > 0:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def _finish(fig, path):
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,71 @@
+"""Small shared helpers: user-facing errors, atomic files, per-index noise, RNG state."""
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+
+class DMDError(Exception):
+    """A problem with the user's input: the command line prints it as one line, without a traceback."""
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file in the same folder, then rename: never a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_file(path, kind, required=()):
+    """torch.load a dict we wrote (weights_only), with one-line errors for missing or corrupt files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DMDError(f"{kind} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason})") from None
+    missing = [key for key in required if not isinstance(obj, dict) or key not in obj]
+    if missing:
+        raise DMDError(f"{kind} {path} is not a dmd_minimal {kind}: it lacks {', '.join(missing)}")
+    return obj
+
+
+def per_index_noise(indices, shape, seed, device="cpu"):
+    """Unit-Gaussian noise [len(indices), *shape] where row i depends only on (seed, indices[i]).
+
+    So sample i is the same whatever the batch size, the order or the number of processes.
+    """
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+            for i in indices]
+    return torch.stack(rows).to(device)
+
+
+def rng_state():
+    """Every RNG that training draws from, to store in a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
