@@ -14,7 +14,8 @@ class MLP(nn.Module):
     def __init__(self, dim=2, hidden=128, depth=4, emb_dim=64, label_dim=0):
         super().__init__()
         self.config = dict(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim, label_dim=label_dim)
-        freqs = torch.exp(torch.linspace(0, math.log(1000), emb_dim // 2))
+        # c_noise = ln(sigma) / 4 spans about [-1.6, 1.1]: frequencies 1..30 resolve it finely enough
+        freqs = torch.exp(torch.linspace(0, math.log(30), emb_dim // 2))
         self.register_buffer("freqs", freqs)                         # [emb_dim / 2]
         self.noise_mlp = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label_embed = nn.Linear(label_dim, hidden, bias=False) if label_dim else None

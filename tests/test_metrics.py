@@ -1,0 +1,41 @@
+"""Toy data and the mode / distance metrics."""
+import math
+
+import pytest
+import torch
+
+from dmd_minimal.metrics import energy_distance, mode_metrics, toy_metrics
+from dmd_minimal.toy2d import SAMPLERS, mixture_centers, sample_toy
+
+
+@pytest.mark.parametrize("toy", sorted(SAMPLERS))
+def test_toy_samples_are_reproducible_and_match_themselves(toy):
+    a = sample_toy(toy, 3000, torch.Generator().manual_seed(1))
+    assert a.shape == (3000, 2) and torch.isfinite(a).all()
+    assert torch.equal(a, sample_toy(toy, 3000, torch.Generator().manual_seed(1)))
+    assert toy_metrics(a, toy)["energy_distance"] < 0.01
+
+
+def test_mixture_data_is_perfect():
+    m = mode_metrics(sample_toy("grid25", 20000), mixture_centers("grid25"))
+    assert m["modes"] == 25 and m["high_quality"] > 0.98 and m["mode_kl"] < 0.01
+
+
+def test_collapse_is_detected():
+    x = torch.tensor([[2.0, 2.0]]) + 0.1 * torch.randn(5000, 2)     # all on one mode
+    m = mode_metrics(x, mixture_centers("grid25"))
+    assert m["modes"] == 1 and m["high_quality"] > 0.98   # 1 - exp(-4.5) within 3 std in 2D
+    assert abs(m["mode_kl"] - math.log(25)) < 1e-4
+
+
+def test_half_the_modes():
+    centers = mixture_centers("ring8")
+    x = centers[torch.randint(0, 4, (8000,))] + 0.1 * torch.randn(8000, 2)
+    m = mode_metrics(x, centers)
+    assert m["modes"] == 4 and abs(m["mode_kl"] - math.log(2)) < 0.01
+
+
+def test_energy_distance_separates():
+    x, y = torch.randn(3000, 2), torch.randn(3000, 2)
+    assert abs(energy_distance(x, y)) < 0.01
+    assert energy_distance(x, y + 1.0) > 0.3
