@@ -1,0 +1,347 @@
+"""Image datasets: items (image float32 [C, H, W] in [-1, 1], label int64, 0-based).
+
+DMD itself needs only the teacher and the regression pairs (arXiv 2311.18828, §3); images are for
+training a teacher from scratch (EDM, arXiv 2206.00364) and for FID's reference statistics.
+Formats, all read without running code from the files:
+- `cifar10`: CIFAR-10's python batches, cifar-10-batches-py/data_batch_1..5 (the train split,
+  https://www.cs.toronto.edu/~kriz/cifar.html); torchvision downloads them when asked.
+- `imagenet64`: downsampled ImageNet (Chrabaszcz et al., arXiv 1707.08819): train_data_batch_1..10,
+  pickles or .npz, each with `data` uint8 [N, 3*R*R] (channel-major rows) and `labels` 1..1000.
+- any name: an EDM dataset_tool zip or folder (arXiv 2206.00364's code): PNGs plus dataset.json,
+  {"labels": [[file, label], ...]} or {"labels": null}.
+- `shapes`: procedural coloured shapes, no files: for tutorials and tests on CPU.
+`infinite_loader` yields batches forever in an order fixed by (seed, epoch): a resumed run continues it.
+"""
+import bisect
+import io
+import json
+import math
+import os
+import pickle
+import re
+import zipfile
+import zlib
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .utils import DMDError
+
+DATASETS = ("cifar10", "imagenet64", "shapes")
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+NUM_CLASSES = {"cifar10": 10, "imagenet64": 1000}   # so that a subset still fits the teacher's labels
+BATCH_FILE = re.compile(r"train_data_batch_(\d+)(\.npz)?$")    # downsampled ImageNet's train files
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")                   # dataset_tool writes PNG
+SHAPES = ("disc", "square", "triangle", "ring")                # the class labels of `shapes`
+# What parsing a truncated or foreign file raises (BadZipFile and zlib.error are not OSErrors).
+CORRUPT = (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+           pickle.UnpicklingError, zipfile.BadZipFile, zlib.error)
+
+
+def reason(e):
+    """The first line of an exception, for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def to_unit_range(image):
+    """uint8 numpy [..., C, H, W] -> float32 tensor in [-1, 1]: 0 -> -1, 255 -> 1."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32) / 127.5 - 1
+
+
+# ---- python-pickle and .npz batches (CIFAR-10, downsampled ImageNet) ---------------------------
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays and lists; any other global is refused, so no code runs."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}   # what numpy 1/2 arrays in Python 2/3 pickles refer to
+
+    def find_class(self, module, name):
+        if (module.replace("numpy._core", "numpy.core"), name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which arrays never need")
+        return super().find_class(module, name)
+
+
+def read_batch(path, first_label, num_classes):
+    """(rows uint8 [N, C*R*R], labels int64 [N], 0-based) from one pickle or .npz batch file."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                data, labels = f["data"], f["labels"]
+        else:
+            with open(path, "rb") as f:
+                entry = ArrayUnpickler(f, encoding="latin1").load()   # CIFAR-10's are Python 2 pickles
+            data, labels = entry["data"], entry["labels"]
+        data, labels = np.asarray(data), np.asarray(labels).reshape(-1)
+    except CORRUPT as e:
+        raise DMDError(f"{path} is corrupt or not a batch of images ({reason(e)})") from None
+    if data.dtype != np.uint8 or data.ndim != 2:
+        raise DMDError(f"{path}: 'data' is {data.dtype} {list(data.shape)}, not uint8 rows [N, 3*R*R]")
+    if len(labels) != len(data):
+        raise DMDError(f"{path} holds {len(data)} images but {len(labels)} labels")
+    last = first_label + num_classes - 1
+    if len(labels) and (labels.dtype.kind not in "iu" or labels.min() < first_label or labels.max() > last):
+        raise DMDError(f"{path}: labels must be integers {first_label}..{last}, "
+                       f"found {labels.min()}..{labels.max()}")
+    return data, labels.astype(np.int64) - first_label
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """Images held in memory as channel-major uint8 rows [n, 3*R*R], the layout both batch formats use."""
+
+    def __init__(self, chunks, labels, resolution, num_classes):
+        self.chunks = chunks   # one array per file: concatenating would double the peak memory
+        self.starts = np.cumsum([0] + [len(c) for c in chunks]).tolist()   # [len(chunks) + 1]
+        self.labels = labels   # int64 [N], 0-based
+        self.resolution, self.channels, self.num_classes = resolution, 3, num_classes
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]                      # negative indices; IndexError past the end
+        j = bisect.bisect_right(self.starts, i) - 1  # the file holding image i
+        row = self.chunks[j][i - self.starts[j]]     # [3*R*R]: R*R red, then green, then blue values
+        image = row.reshape(3, self.resolution, self.resolution)   # [C, H, W]
+        return to_unit_range(image), torch.tensor(self.labels[i])
+
+
+def read_batches(paths, first_label, num_classes):
+    """One ArrayImages from batch files, in the order given."""
+    chunks, labels = zip(*(read_batch(path, first_label, num_classes) for path in paths))
+    lengths = sorted({c.shape[1] for c in chunks})
+    side = math.isqrt(lengths[0] // 3)
+    if len(lengths) > 1 or 3 * side * side != lengths[0]:
+        raise DMDError(f"rows of {lengths} values in {os.path.dirname(paths[0]) or '.'}: "
+                       f"expected one length 3*R*R (RGB images R x R)")
+    return ArrayImages(list(chunks), np.concatenate(labels), side, num_classes)
+
+
+def load_cifar10(data_dir, download):
+    """CIFAR-10's train split from data_dir/cifar-10-batches-py (or an EDM dataset at data_dir)."""
+    folder = os.path.join(data_dir, CIFAR_FOLDER)
+    if not os.path.isdir(folder) and is_image_dataset(data_dir):
+        return ImageFolderZip(data_dir)
+    paths = [os.path.join(folder, name) for name in CIFAR_TRAIN]
+    if download and not all(map(os.path.isfile, paths)):
+        # torchvision only fetches: its CIFAR10 class checks the md5 of both splits on every construction
+        # and decodes through PIL, while these pickles are the format we read for ImageNet anyway.
+        from torchvision.datasets import CIFAR10   # here, so that nothing else pays for importing it
+        try:
+            CIFAR10(data_dir, train=True, download=True)   # downloads, checks md5 sums, extracts
+        except (OSError, RuntimeError) as e:               # urllib's errors are OSErrors
+            raise DMDError(f"cannot download CIFAR-10 into {data_dir} ({reason(e)})") from None
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DMDError(f"CIFAR-10 not found: expected {folder}/data_batch_1..5 "
+                       f"({missing[0]} is missing); pass --download to fetch it")
+    return read_batches(paths, first_label=0, num_classes=NUM_CLASSES["cifar10"])
+
+
+def load_imagenet64(data_dir):
+    """Downsampled ImageNet's train_data_batch_* files (one per number), or an EDM dataset at data_dir."""
+    if not os.path.exists(data_dir):
+        raise DMDError(f"ImageNet 64x64 data {data_dir} does not exist")
+    names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else [os.path.basename(data_dir)]
+    folder = data_dir if os.path.isdir(data_dir) else os.path.dirname(data_dir)
+    found = {}   # {batch number: path}, a pickle or an npz, not both
+    for match in filter(None, map(BATCH_FILE.match, names)):
+        found.setdefault(int(match[1]), os.path.join(folder, match[0]))
+    if found:
+        paths = [found[k] for k in sorted(found)]
+        return read_batches(paths, first_label=1, num_classes=NUM_CLASSES["imagenet64"])
+    if is_image_dataset(data_dir):
+        return ImageFolderZip(data_dir)
+    raise DMDError(f"{data_dir} holds neither downsampled ImageNet files (train_data_batch_1..10, "
+                   f"pickles or .npz) nor an EDM dataset (a zip or folder of PNGs with dataset.json)")
+
+
+# ---- EDM's dataset_tool output: a zip or folder of images with dataset.json -------------------
+
+def is_image_dataset(path):
+    """Whether path looks like dataset_tool output: a .zip file, or a folder with images or dataset.json."""
+    if os.path.isfile(path):
+        return path.lower().endswith(".zip")
+    return os.path.isdir(path) and any(name == "dataset.json" or name.lower().endswith(IMAGE_EXTENSIONS)
+                                       for _, _, names in os.walk(path) for name in names)
+
+
+class ImageFolderZip(torch.utils.data.Dataset):
+    """Images of an EDM dataset zip or folder, decoded lazily; labels from dataset.json (0-based)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.zip, self.zip_pid = None, None
+        if os.path.isdir(self.path):
+            names = [os.path.relpath(os.path.join(root, name), self.path).replace(os.sep, "/")
+                     for root, _, files in os.walk(self.path) for name in files]
+        elif os.path.isfile(self.path):
+            try:
+                names = self.open_zip().namelist()
+            except CORRUPT as e:
+                raise DMDError(f"{self.path} is not a readable zip file ({reason(e)})") from None
+        else:
+            raise DMDError(f"dataset {self.path} does not exist")
+        self.files = sorted(name for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise DMDError(f"{self.path} holds no images (expected dataset_tool output: PNGs, dataset.json)")
+        # int64 [N], or None: EDM reads a dataset without dataset.json as unlabelled
+        labels = self.read_labels() if "dataset.json" in names else None
+        self.num_classes = 0 if labels is None else int(labels.max()) + 1
+        self.labels = np.zeros(len(self.files), np.int64) if labels is None else labels
+        first = self.load(0)   # [C, H, W]
+        if first.shape[1] != first.shape[2]:
+            raise DMDError(f"{self.path}: images are {first.shape[2]}x{first.shape[1]}, not square")
+        self.channels, self.resolution = first.shape[:2]
+
+    def open_zip(self):
+        # One ZipFile per process: a forked DataLoader worker must not share the parent's file offset.
+        if self.zip is None or self.zip_pid != os.getpid():
+            self.zip, self.zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self.zip
+
+    def __getstate__(self):
+        return dict(self.__dict__, zip=None)   # an open ZipFile cannot be pickled into a worker
+
+    def read(self, name):
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        return self.open_zip().read(name)
+
+    def read_labels(self):
+        """Labels int64 [N] in the order of self.files, or None if dataset.json says null."""
+        try:
+            labels = json.loads(self.read("dataset.json"))["labels"]
+            labels = None if labels is None else dict(labels)   # {file: label}
+        except CORRUPT as e:
+            raise DMDError(f"{self.path}: dataset.json is corrupt ({reason(e)})") from None
+        if labels is None:
+            return None
+        absent = sorted(set(labels) - set(self.files))
+        if absent:
+            raise DMDError(f"{self.path}: dataset.json lists {len(absent)} images that are not there, "
+                           f"e.g. {absent[0]}")
+        unlabelled = [name for name in self.files if name not in labels]
+        if unlabelled:
+            raise DMDError(f"{self.path}: {len(unlabelled)} of {len(self.files)} images have no label "
+                           f"in dataset.json, e.g. {unlabelled[0]}")
+        values = [labels[name] for name in self.files]
+        if not all(isinstance(v, int) and v >= 0 for v in values):
+            raise DMDError(f"{self.path}: dataset.json labels must be class indices 0, 1, ...")
+        return np.array(values, np.int64)
+
+    def load(self, i):
+        """Image i as uint8 [C, H, W]."""
+        try:
+            with PIL.Image.open(io.BytesIO(self.read(self.files[i]))) as image:
+                image = np.array(image.convert("L" if image.mode == "L" else "RGB"))
+        except CORRUPT as e:
+            raise DMDError(f"{self.path}: image {self.files[i]} is corrupt ({reason(e)})") from None
+        image = image[:, :, None] if image.ndim == 2 else image   # [H, W, C]
+        return image.transpose(2, 0, 1)                          # [C, H, W]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = self.load(i)
+        if image.shape != (self.channels, self.resolution, self.resolution):
+            raise DMDError(f"{self.path}: {self.files[i]} is {list(image.shape)} (C, H, W), unlike the "
+                           f"first image {[self.channels, self.resolution, self.resolution]}")
+        return to_unit_range(image), torch.tensor(self.labels[i])
+
+
+# ---- procedural shapes --------------------------------------------------------------------------
+
+def shape_mask(kind, dx, dy):
+    """Bool [H, W]: which pixels a shape covers, in coordinates scaled by its radius."""
+    if kind == "disc":
+        return dx**2 + dy**2 <= 1
+    if kind == "square":
+        return torch.maximum(dx.abs(), dy.abs()) <= 0.8
+    if kind == "triangle":   # apex up, base at dy = 0.8
+        return (dy <= 0.8) & (2 * dx.abs() <= dy + 1)
+    return (dx**2 + dy**2 <= 1) & (dx**2 + dy**2 >= 0.3)   # ring
+
+
+class Shapes(torch.utils.data.Dataset):
+    """One shape (SHAPES, also the label) on a plain background; item i depends only on (seed, i)."""
+
+    def __init__(self, resolution=16, size=10_000, seed=0):
+        self.resolution, self.channels, self.num_classes = resolution, 3, len(SHAPES)
+        self.size, self.seed = size, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        i = range(self.size)[i]
+        rng = np.random.default_rng([self.seed, i])   # hashes both; a torch seed keeps only 32 bits
+        label = i % len(SHAPES)                                          # balanced classes
+        background = torch.tensor(rng.uniform(-1, -0.4, (3, 1, 1)), dtype=torch.float32)   # dark
+        colour = torch.tensor(rng.uniform(0.4, 1, (3, 1, 1)), dtype=torch.float32)         # bright
+        R = self.resolution
+        r = R * rng.uniform(0.2, 0.35)                                   # radius: 20-35% of the side
+        cx, cy = rng.uniform(r, R - r, 2)                                # the shape stays inside
+        ys, xs = torch.meshgrid(torch.arange(R) + 0.5, torch.arange(R) + 0.5, indexing="ij")   # [H, W]
+        inside = shape_mask(SHAPES[label], (xs - cx) / r, (ys - cy) / r)
+        return torch.where(inside, colour, background), torch.tensor(label)   # [3, H, W]
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+def load_dataset(name, data_dir=None, download=False, resolution=None):
+    """The training images of `name` (DATASETS), with .resolution, .channels and .num_classes.
+
+    num_classes is 0 for an unlabelled dataset, whose labels are then all 0. `resolution` is the side
+    to check the data against (or to draw `shapes` at, default 16). For cifar10 and imagenet64,
+    data_dir may also be an EDM dataset_tool zip or folder.
+    """
+    if name not in DATASETS:
+        raise DMDError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "shapes":
+        return Shapes(resolution or 16)
+    if data_dir is None:
+        raise DMDError(f"the {name} dataset needs --data-dir")
+    data_dir = os.fspath(data_dir)
+    dataset = load_cifar10(data_dir, download) if name == "cifar10" else load_imagenet64(data_dir)
+    if resolution is not None and dataset.resolution != resolution:
+        side = dataset.resolution
+        raise DMDError(f"{data_dir} holds {side}x{side} images, not {resolution}x{resolution}: "
+                       f"resize them first (e.g. EDM's dataset_tool.py --resolution)")
+    return dataset
+
+
+def epoch_order(n, seed, epoch, rank=0, world_size=1):
+    """Indices [n // world_size] that process `rank` visits in `epoch`: its share of one permutation."""
+    # numpy hashes [seed, epoch] into its state; torch's CPU generator keeps only a seed's low 32 bits.
+    order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))   # [n]
+    return order[rank::world_size][: n // world_size]   # every rank the same count
+
+
+def infinite_loader(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, num_workers=0):
+    """An endless iterator of (images [B, C, H, W], labels [B]), reshuffled each epoch from (seed, epoch).
+
+    An epoch is the batches_per_epoch = (len(dataset) // world_size) // batch_size full batches of
+    epoch_order (the remainder is skipped), so batch k of a run is batch k % batches_per_epoch of epoch
+    k // batches_per_epoch: a run resumed at step k passes start_step=k and sees what it would have seen.
+    """
+    batches_per_epoch = len(dataset) // world_size // batch_size
+    if batches_per_epoch == 0:
+        raise DMDError(f"the dataset has {len(dataset)} images, too few for a batch of {batch_size} "
+                       f"on each of {world_size} processes")
+    epoch, batch = divmod(start_step, batches_per_epoch)
+
+    def indices(epoch, batch):
+        while True:
+            order = epoch_order(len(dataset), seed, epoch, rank, world_size)
+            yield from order[batch * batch_size: batches_per_epoch * batch_size].tolist()
+            epoch, batch = epoch + 1, 0
+
+    # One DataLoader over an endless sampler, so that workers live as long as the iterator.
+    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=indices(epoch, batch),
+                                            num_workers=num_workers, drop_last=True))
