@@ -15,6 +15,8 @@ from .denoiser import append_dims, as_sigma
 class GaussianMixtureDenoiser(nn.Module):
     """Mixture of isotropic Gaussians N(c_k, s^2 I) with weights pi_k, for x of any shape."""
 
+    label_dim = 0   # unconditional, like a Denoiser without classes
+
     def __init__(self, centers, std, weights=None):
         super().__init__()
         centers = torch.as_tensor(centers, dtype=torch.float32)     # [K, *sample_shape]
@@ -42,6 +44,8 @@ class GaussianMixtureDenoiser(nn.Module):
 
 class GaussianDenoiser(nn.Module):
     """A single Gaussian N(mean, cov) with full covariance, for flat x of shape [B, d]."""
+
+    label_dim = 0
 
     def __init__(self, mean, cov):
         super().__init__()

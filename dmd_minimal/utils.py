@@ -47,12 +47,21 @@ def load_file(path, kind, required=()):
     return obj
 
 
+def index_seed(seed, i):
+    """A 32-bit seed mixed from (seed, i) (splitmix64's finaliser): torch's CPU generator keeps only
+    32 bits of a seed, so seed * 2**32 + i would make every seed give the same noise."""
+    z = (seed * 0x9E3779B97F4A7C15 + i) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**32 - 1)
+
+
 def per_index_noise(indices, shape, seed, device="cpu"):
     """Unit-Gaussian noise [len(indices), *shape] where row i depends only on (seed, indices[i]).
 
     So sample i is the same whatever the batch size, the order or the number of processes.
     """
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 2**32 + int(i)))
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(index_seed(seed, int(i))))
             for i in indices]
     return torch.stack(rows).to(device)
 
