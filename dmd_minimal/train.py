@@ -196,6 +196,8 @@ def train(cfg):
 
 def run_dmd(cfg, nets, optimizers, schedules, pairs, levels, state, path):
     """DMD iterations from state['step'] to cfg.dmd_steps, with logging, checkpoints and Ctrl-C."""
+    uses_fake_score = cfg.distribution_matching and not cfg.real_score_only
+    fake_steps = cfg.fake_steps_per_generator_step if uses_fake_score else 0
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
@@ -203,7 +205,7 @@ def run_dmd(cfg, nets, optimizers, schedules, pairs, levels, state, path):
     try:
         for step in bar:
             x, labels, losses = generator_step(cfg, nets, optimizers["generator"], pairs, levels)
-            for k in range(cfg.fake_steps_per_generator_step):
+            for k in range(fake_steps):
                 if k > 0:   # further fake-score steps see fresh generator samples
                     with torch.no_grad():
                         labels = random_labels(nets["teacher"].label_dim, cfg.batch_size, cfg.device)
@@ -292,6 +294,8 @@ def main(argv=None):
         train(parse_config(argv))
     except DMDError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:   # outside the DMD loop: the finished stages are saved, the current one is redone
+        sys.exit("error: interrupted; rerun the same command to continue")
 
 
 if __name__ == "__main__":

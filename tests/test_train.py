@@ -1,0 +1,146 @@
+"""The training loop end to end on toy2d: it learns, it resumes exactly, the CLIs work and fail clearly."""
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dmd_minimal.config import Config, parse_config
+from dmd_minimal.sample import main as sample_main
+from dmd_minimal.train import get_teacher, load_checkpoint, resolve, train
+from dmd_minimal.train import main as train_main
+
+TINY = dict(teacher_batch=256, num_pairs=2000, batch_size=256, num_eval=10000, log_every=10)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    """A small grid25 teacher, trained once for the whole module."""
+    out = tmp_path_factory.mktemp("teacher")
+    get_teacher(resolve(Config(out=str(out), teacher_steps=1500, **TINY)), out)
+    return str(out / "teacher.pt")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_short_run_improves_the_generator(teacher_path, tmp_path):
+    train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=200, **TINY))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    before, after = metrics["teacher_euler1"], metrics["generator"]   # the generator starts as the teacher's 1 step
+    assert after["energy_distance"] < 0.2 * before["energy_distance"]
+    assert after["modes"] >= 20 and after["mode_kl"] < 0.2 < before["mode_kl"]
+
+
+def test_real_score_only_collapses(teacher_path, tmp_path):
+    train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=200, lambda_reg=0.0,
+                 real_score_only=True, **TINY))
+    assert json.loads((tmp_path / "metrics.json").read_text())["generator"]["modes"] <= 3
+
+
+def test_resume_continues_exactly(teacher_path, tmp_path):
+    cfg = Config(teacher=teacher_path, dmd_steps=30, checkpoint_every=10, **dict(TINY, num_eval=100))
+    train(dataclasses.replace(cfg, out=str(tmp_path / "straight")))
+    train(dataclasses.replace(cfg, out=str(tmp_path / "resumed"), dmd_steps=15))    # stops at step 15
+    train(dataclasses.replace(cfg, out=str(tmp_path / "resumed")))                 # picks up from there
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 30 and a["history"] == b["history"]
+    for net in ("generator", "fake_score"):
+        for key, value in a[net]["state_dict"].items():
+            assert torch.equal(value, b[net]["state_dict"][key]), (net, key)
+
+
+def test_resume_refuses_other_settings(teacher_path, tmp_path):
+    cfg = Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=5, **dict(TINY, num_eval=100))
+    train(cfg)
+    with pytest.raises(Exception, match="lambda_reg=0.25, not 1.0"):
+        train(dataclasses.replace(cfg, lambda_reg=1.0))
+
+
+def test_cli_writes_every_file_and_samples(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("dmd_minimal.train", "--toy", "ring8", "--out", str(out), "--teacher-steps", "30",
+                     "--dmd-steps", "10", "--num-pairs", "300", "--batch-size", "64", "--teacher-batch", "64",
+                     "--log-every", "5")
+    assert result.returncode == 0, result.stderr
+    for name in ("teacher.pt", "pairs.pt", "checkpoint.pt", "samples.npz", "metrics.json", "samples.png", "losses.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert np.load(out / "samples.npz")["x"].shape == (10000, 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"teacher_heun18", "teacher_euler1", "generator"}
+    assert {"nfe", "energy_distance", "modes", "high_quality", "mode_kl"} <= set(metrics["generator"])
+
+    result = run_cli("dmd_minimal.sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "500",
+                     "--out", str(tmp_path / "x.npz"))
+    assert result.returncode == 0, result.stderr
+    x = np.load(tmp_path / "x.npz")["x"]
+    assert x.shape == (500, 2) and np.isfinite(x).all()
+
+
+def test_help_lists_every_option():
+    result = run_cli("dmd_minimal.train", "--help")
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+    assert "--no-distribution-matching" in result.stdout and "--real-score-only" in result.stdout
+
+
+def cli_error(main, argv, capsys):
+    """The one line a CLI ends with when it refuses argv (run in-process: no interpreter start-up)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code not in (0, None)
+    if isinstance(exit_info.value.code, str):     # sys.exit("error: ...")
+        return exit_info.value.code
+    return capsys.readouterr().err.strip().splitlines()[-1]   # argparse's usage error
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, teacher_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    x = str(tmp_path / "x.npz")
+    cases = [
+        (train_main, ["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (train_main, ["--toy", "spiral", "--out", str(tmp_path / "a")], "unknown toy distribution 'spiral'"),
+        (train_main, ["--lamda-reg", "1"], "unrecognized arguments: --lamda-reg"),
+        (train_main, ["--toy", "ring8", "--teacher", teacher_path, "--out", str(tmp_path / "b")],
+         "was trained on toy2d/grid25, not toy2d/ring8"),
+        (train_main, ["--teacher", str(corrupt), "--out", str(tmp_path / "c")], "is corrupt"),
+        (sample_main, ["--checkpoint", str(tmp_path / "nope.pt"), "--out", x], "does not exist"),
+        (sample_main, ["--checkpoint", str(corrupt), "--out", x], "is corrupt"),
+        (sample_main, ["--checkpoint", teacher_path, "--out", x], "lacks"),
+    ]
+    for main, argv, fragment in cases:
+        message = cli_error(main, argv, capsys)
+        assert fragment in message and "\n" not in message, (argv, message)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_flags_override_the_preset():
+    cfg = parse_config(["--toy", "ring8", "--no-distribution-matching", "--lambda-reg", "1"])
+    assert (cfg.toy, cfg.distribution_matching, cfg.lambda_reg, cfg.dataset) == ("ring8", False, 1.0, "toy2d")
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(teacher_path, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dmd_minimal.train", "--teacher", teacher_path, "--out", str(out),
+            "--dmd-steps", "100000", "--checkpoint-every", "100000", "--num-pairs", "200", "--batch-size", "32"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 300
+        while "dmd:" not in log.read_text() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        time.sleep(2)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert process.returncode == 1
+    last = log.read_text().strip().splitlines()[-1]
+    assert "interrupted: saved" in last and "Traceback" not in log.read_text()
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 0 < step < 100000 and f"at step {step}" in last
