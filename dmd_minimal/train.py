@@ -160,6 +160,8 @@ def resolve(cfg):
     """Fill the defaults that depend on the machine or the dataset, and check the choices."""
     if cfg.toy not in SAMPLERS:
         raise DMDError(f"unknown toy distribution {cfg.toy!r}; choose one of {sorted(SAMPLERS)}")
+    if not cfg.distribution_matching and cfg.lambda_reg <= 0:
+        raise DMDError("nothing to train: --no-distribution-matching needs a regression loss (--lambda-reg > 0)")
     out = cfg.out or f"runs/{cfg.dataset}-{cfg.toy}"
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return dataclasses.replace(cfg, out=out, device=device)

@@ -111,6 +111,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, teacher_path, capsys):
         (train_main, ["--toy", "ring8", "--teacher", teacher_path, "--out", str(tmp_path / "b")],
          "was trained on toy2d/grid25, not toy2d/ring8"),
         (train_main, ["--teacher", str(corrupt), "--out", str(tmp_path / "c")], "is corrupt"),
+        (train_main, ["--no-distribution-matching", "--lambda-reg", "0"], "nothing to train"),
         (sample_main, ["--checkpoint", str(tmp_path / "nope.pt"), "--out", x], "does not exist"),
         (sample_main, ["--checkpoint", str(corrupt), "--out", x], "is corrupt"),
         (sample_main, ["--checkpoint", teacher_path, "--out", x], "lacks"),
