@@ -3,11 +3,45 @@
 A stored denoiser is {arch, arch_kwargs, sigma_data, label_dim, state_dict}: enough to rebuild it
 without pickled code, so every checkpoint loads with torch.load(weights_only=True).
 """
+from .adm import DhariwalUNet
 from .denoiser import Denoiser
 from .mlp import MLP
+from .songunet import SongUNet
 from .utils import DMDError
 
-ARCHS = {"mlp": MLP}   # raw backbones F, by the name the config uses
+ARCHS = {"mlp": MLP, "songunet": SongUNet, "dhariwalunet": DhariwalUNet}   # raw backbones F, by the name the config uses
+
+# The image networks of EDM's released teachers (EDM train.py: --arch=ddpmpp --augment=0.12 for CIFAR-10,
+# --arch=adm --augment=0 --dropout=0.10 for ImageNet-64; the rest are EDM's SongUNet / DhariwalUNet defaults).
+# label_dim is the dataset's (CIFAR-10: 10 cond / 0 uncond, ImageNet: 1000); sigma_data = 0.5 for both.
+# Use: build_denoiser(sigma_data=0.5, label_dim=10, **IMAGE_NETWORKS["cifar10"]).
+IMAGE_NETWORKS = {
+    "cifar10": dict(arch="songunet",               # DDPM++ as in edm-cifar10-32x32-{cond,uncond}-vp.pkl
+                    img_resolution=32, in_channels=3, out_channels=3,
+                    model_channels=128,
+                    channel_mult=[2, 2, 2],
+                    channel_mult_emb=4,
+                    num_blocks=4,
+                    attn_resolutions=[16],
+                    dropout=0.13,                  # EDM's teacher training; DMD loads it with 0
+                    label_dropout=0.0,
+                    embedding_type="positional",
+                    channel_mult_noise=1,
+                    encoder_type="standard",
+                    decoder_type="standard",
+                    resample_filter=[1, 1],
+                    augment_dim=9),                # EDM's non-leaking augmentation labels
+    "imagenet64": dict(arch="dhariwalunet",        # ADM as in edm-imagenet-64x64-cond-adm.pkl
+                       img_resolution=64, in_channels=3, out_channels=3,
+                       model_channels=192,
+                       channel_mult=[1, 2, 3, 4],
+                       channel_mult_emb=4,
+                       num_blocks=3,
+                       attn_resolutions=[32, 16, 8],
+                       dropout=0.10,               # EDM's teacher training; DMD loads it with 0
+                       label_dropout=0.0,
+                       augment_dim=0),             # trained without augmentation
+}
 
 
 def build_denoiser(arch, sigma_data, label_dim=0, **arch_kwargs):
