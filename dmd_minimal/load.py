@@ -1,0 +1,78 @@
+"""load_denoiser: one entry point for every file that holds a denoiser, ours or EDM's.
+
+- dmd_minimal's files (torch.save zip archives, read with weights_only=True): a teacher file or a file
+  written by convert_edm ({"denoiser": ...}), or a training checkpoint ({"teacher", "generator", "fake_score"}).
+- EDM's network snapshots (.pkl), among them the teachers DMD distils (arXiv 2311.18828, §5 and
+  Appendix B), read by edm_pickle without EDM's code and without executing the pickle.
+- an http(s) URL of either, downloaded once into torch.hub's cache.
+"""
+import os
+import urllib.parse
+import zipfile
+
+import torch
+
+from .edm_pickle import denoiser_from_edm_snapshot
+from .networks import denoiser_from_dict
+from .utils import DMDError, load_file
+
+EDM_TEACHERS = {   # NVIDIA's released EDM networks that DMD distils (EDM's README, "Pre-trained models")
+    "cifar10-cond": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
+    "cifar10-uncond": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+    "imagenet64-cond": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+}
+CHECKPOINT_NETS = ("teacher", "generator", "fake_score")
+
+
+def cached_download(url):
+    """The local copy of `url` in torch.hub's checkpoint cache, downloaded (atomically) if missing."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, path)
+        except (OSError, ValueError) as e:   # urllib's errors are OSErrors
+            raise DMDError(f"cannot download {url} ({e})") from None
+    return path
+
+
+def stored_denoiser(saved, which, path):
+    """The denoiser dict that `which` names in a file of ours."""
+    if which not in CHECKPOINT_NETS:
+        raise DMDError(f"which must be one of {', '.join(CHECKPOINT_NETS)}, not {which!r}")
+    if isinstance(saved, dict) and "denoiser" in saved:
+        if which != "teacher":
+            raise DMDError(f"{path} holds a single (teacher) denoiser; which={which!r} needs a training checkpoint")
+        return saved["denoiser"]
+    if isinstance(saved, dict) and all(name in saved for name in CHECKPOINT_NETS):
+        return saved[which]
+    raise DMDError(f"{path} is neither a denoiser file nor a training checkpoint of dmd_minimal")
+
+
+def load_denoiser(path, which="teacher", dropout=0.0):
+    """The Denoiser stored in `path` (a file or URL: ours, or an EDM snapshot .pkl), in eval mode.
+
+    Args:
+        which: for a training checkpoint, the network to return: teacher, generator or fake_score.
+        dropout: replaces the stored dropout rate of an image network (DMD distils with dropout off);
+            None keeps the stored rate.
+    """
+    path = os.fspath(path)
+    if path.startswith(("http://", "https://")):
+        path = cached_download(path)
+    if not os.path.isfile(path):
+        raise DMDError(f"denoiser file {path} does not exist")
+    if not zipfile.is_zipfile(path):   # torch.save writes zip archives, EDM's snapshots are plain pickles
+        if which != "teacher":
+            raise DMDError(f"{path} is not a training checkpoint of dmd_minimal; which={which!r} needs one")
+        return denoiser_from_edm_snapshot(path, dropout)
+    stored = stored_denoiser(load_file(path, "denoiser file"), which, path)
+    try:
+        arch_kwargs = dict(stored["arch_kwargs"])
+        if dropout is not None and "dropout" in arch_kwargs:
+            arch_kwargs["dropout"] = dropout
+        return denoiser_from_dict(dict(stored, arch_kwargs=arch_kwargs)).eval()
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DMDError(f"{path} holds a denoiser that cannot be rebuilt ({reason})") from None
