@@ -11,8 +11,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from .config import Config, parse_config
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss,
                        regression_loss, sigma_levels)
 from .generator import OneStepGenerator
+from .load import load_denoiser
 from .metrics import toy_metrics
 from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
 from .pairs import generate_pairs, load_pairs, save_pairs
@@ -52,12 +55,13 @@ def check_same(saved, cfg, fields, what, path):
 # ---- the teacher -------------------------------------------------------------------------------
 
 def load_teacher(path, cfg):
-    """A teacher saved by this package, checked to be for cfg's data."""
-    saved = load_file(path, "teacher", required=("config", "denoiser"))
-    if (saved["config"]["dataset"], saved["config"]["toy"]) != (cfg.dataset, cfg.toy):
-        raise DMDError(f"teacher {path} was trained on {saved['config']['dataset']}/{saved['config']['toy']}, "
-                       f"not {cfg.dataset}/{cfg.toy}")
-    return denoiser_from_dict(saved["denoiser"])
+    """The teacher --teacher names: a file of ours (checked to be for cfg's data), an EDM snapshot or a URL."""
+    if os.path.isfile(path) and zipfile.is_zipfile(path):   # ours: torch.save archives hold their config
+        config = load_file(path, "teacher").get("config")
+        if config and (config["dataset"], config["toy"]) != (cfg.dataset, cfg.toy):
+            raise DMDError(f"teacher {path} was trained on {config['dataset']}/{config['toy']}, "
+                           f"not {cfg.dataset}/{cfg.toy}")
+    return load_denoiser(path)
 
 
 def get_teacher(cfg, out):
