@@ -218,8 +218,9 @@ def run_dmd(cfg, nets, optimizers, schedules, pairs, levels, state, path):
                         x = nets["generator"](torch.randn_like(x), labels)
                 losses["loss_fake"] = fake_score_step(cfg, nets["fake_score"], optimizers["fake_score"],
                                                       x, labels, levels)
-            for schedule in schedules.values():
-                schedule.step()
+            schedules["generator"].step()
+            if fake_steps:
+                schedules["fake_score"].step()
             state["step"] = step + 1
             for k, v in losses.items():
                 state["pending"][k] = state["pending"].get(k, 0.0) + v / cfg.log_every
