@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .utils import DMDError
+from .utils import DMDError, reason
 
 DATASETS = ("cifar10", "imagenet64", "shapes")
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -38,12 +38,6 @@ SHAPES = ("disc", "square", "triangle", "ring")                # the class label
 # What parsing a truncated or foreign file raises (BadZipFile and zlib.error are not OSErrors).
 CORRUPT = (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
            pickle.UnpicklingError, zipfile.BadZipFile, zlib.error)
-
-
-def reason(e):
-    """The first line of an exception, for a one-line error."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def to_unit_range(image):

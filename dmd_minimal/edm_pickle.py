@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .networks import build_denoiser
-from .utils import DMDError
+from .utils import DMDError, reason
 
 EDM_ARCHS = {"SongUNet": "songunet", "DhariwalUNet": "dhariwalunet"}   # EDM model_type -> our ARCHS name
 PRECOND_ONLY_KWARGS = ("use_fp16", "sigma_min", "sigma_max")          # EDMPrecond's, not the backbone's
@@ -102,8 +102,7 @@ def read_snapshot(path):
     except DMDError:
         raise
     except Exception as e:   # a damaged pickle can fail in many ways; all mean the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DMDError(f"{path} is corrupt or not an EDM network snapshot ({reason})") from None
+        raise DMDError(f"{path} is corrupt or not an EDM network snapshot ({reason(e)})") from None
 
 
 def stored_state_dict(module, prefix=""):

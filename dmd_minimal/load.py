@@ -14,7 +14,7 @@ import torch
 
 from .edm_pickle import denoiser_from_edm_snapshot
 from .networks import denoiser_from_dict
-from .utils import DMDError, load_file
+from .utils import DMDError, load_file, reason
 
 EDM_TEACHERS = {   # NVIDIA's released EDM networks that DMD distils (EDM's README, "Pre-trained models")
     "cifar10-cond": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl",
@@ -74,5 +74,4 @@ def load_denoiser(path, which="teacher", dropout=0.0):
             arch_kwargs["dropout"] = dropout
         return denoiser_from_dict(dict(stored, arch_kwargs=arch_kwargs)).eval()
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DMDError(f"{path} holds a denoiser that cannot be rebuilt ({reason})") from None
+        raise DMDError(f"{path} holds a denoiser that cannot be rebuilt ({reason(e)})") from None

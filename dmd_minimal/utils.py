@@ -11,6 +11,12 @@ class DMDError(Exception):
     """A problem with the user's input: the command line prints it as one line, without a traceback."""
 
 
+def reason(e):
+    """The first line of an exception's message, for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file in the same folder, then rename: never a half-written file."""
     path = os.fspath(path)
@@ -39,8 +45,7 @@ def load_file(path, kind, required=()):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason})") from None
+        raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason(e)})") from None
     missing = [key for key in required if not isinstance(obj, dict) or key not in obj]
     if missing:
         raise DMDError(f"{kind} {path} is not a dmd_minimal {kind}: it lacks {', '.join(missing)}")
