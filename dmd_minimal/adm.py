@@ -67,7 +67,7 @@ class DhariwalUNet(nn.Module):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv(in_channels, c, 3, init)
             else:
-                self.enc[f"{res}x{res}_down"] = ResidualBlock(c, c, style, down=True)
+                self.enc[f"{res}x{res}_down"] = ResidualBlock(c, c, style, resample="down")
             for i in range(num_blocks):
                 self.enc[f"{res}x{res}_block{i}"] = ResidualBlock(c, model_channels * mult, style,
                                                                   attention=res in attn_resolutions)
@@ -82,7 +82,7 @@ class DhariwalUNet(nn.Module):
                 self.dec[f"{res}x{res}_in0"] = ResidualBlock(c, c, style, attention=True)
                 self.dec[f"{res}x{res}_in1"] = ResidualBlock(c, c, style)
             else:
-                self.dec[f"{res}x{res}_up"] = ResidualBlock(c, c, style, up=True)
+                self.dec[f"{res}x{res}_up"] = ResidualBlock(c, c, style, resample="up")
             for i in range(num_blocks + 1):
                 self.dec[f"{res}x{res}_block{i}"] = ResidualBlock(c + skips.pop(), model_channels * mult, style,
                                                                   attention=res in attn_resolutions)

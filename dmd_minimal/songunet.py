@@ -81,12 +81,13 @@ class SongUNet(nn.Module):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv(in_channels, c, 3, init)
             else:
-                self.enc[f"{res}x{res}_down"] = ResidualBlock(c, c, style, down=True)
+                self.enc[f"{res}x{res}_down"] = ResidualBlock(c, c, style, resample="down")
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv(c_aux, c_aux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv(c_aux, c_aux, 0, resample="down",
+                                                             resample_filter=resample_filter)
                     self.enc[f"{res}x{res}_aux_skip"] = Conv(c_aux, c, 1, init)
                 if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv(c_aux, c, 3, init, down=True, fused_down=True,
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv(c_aux, c, 3, init, resample="fused_down",
                                                                  resample_filter=resample_filter)
                     c_aux = c
             for i in range(num_blocks):
@@ -103,14 +104,14 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_in0"] = ResidualBlock(c, c, style, attention=True)
                 self.dec[f"{res}x{res}_in1"] = ResidualBlock(c, c, style)
             else:
-                self.dec[f"{res}x{res}_up"] = ResidualBlock(c, c, style, up=True)
+                self.dec[f"{res}x{res}_up"] = ResidualBlock(c, c, style, resample="up")
             for i in range(num_blocks + 1):
                 self.dec[f"{res}x{res}_block{i}"] = ResidualBlock(c + skips.pop(), model_channels * mult, style,
                                                                   attention=i == num_blocks and res in attn_resolutions)
                 c = model_channels * mult
             if decoder_type == "skip" or level == 0:       # an output head: norm, SiLU, conv to image channels
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv(out_channels, out_channels, 0, up=True,
+                    self.dec[f"{res}x{res}_aux_up"] = Conv(out_channels, out_channels, 0, resample="up",
                                                            resample_filter=resample_filter)
                 self.dec[f"{res}x{res}_aux_norm"] = group_norm(c, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv(c, out_channels, 3, init_zero)

@@ -65,38 +65,38 @@ def downsample_2x(x, fir, pad=None):
 
 
 class Conv(nn.Module):
-    """A kernel x kernel convolution, optionally after a 2x FIR up- or down-sampling.
+    """A kernel x kernel convolution, optionally after a 2x FIR resampling; kernel = 0: the resampling alone.
 
-    kernel = 0 gives the resampling alone. `fused_down` convolves at full resolution first (with the
-    padding both steps would have used) and then downsamples, as NCSN++'s residual encoder path does.
+    resample is None, "up", "down" or "fused_down" (NCSN++'s residual encoder path: convolve at full
+    resolution, with the padding both steps would have used, then downsample).
     The FIR kernel is the outer product of `resample_filter` with itself, normalised to sum 1
     ([1, 1]: box filter, i.e. nearest / average pooling; [1, 3, 3, 1]: the smoother binomial one).
     """
 
-    def __init__(self, c_in, c_out, kernel, init=Init(), bias=True, up=False, down=False,
-                 resample_filter=(1, 1), fused_down=False):
+    def __init__(self, c_in, c_out, kernel, init=Init(), resample=None, resample_filter=(1, 1)):
         super().__init__()
-        self.in_channels, self.out_channels = c_in, c_out
-        self.up, self.down, self.fused_down = up, down, fused_down
+        if resample not in (None, "up", "down", "fused_down"):
+            raise ValueError(f"resample must be None, 'up', 'down' or 'fused_down', not {resample!r}")
+        self.in_channels, self.out_channels, self.resample = c_in, c_out, resample
         fans = dict(mode=init.mode, fan_in=c_in * kernel**2, fan_out=c_out * kernel**2)
         shape = [c_out, c_in, kernel, kernel]
         self.weight = nn.Parameter(fan_scaled_randn(shape, **fans) * init.weight) if kernel else None
-        self.bias = nn.Parameter(fan_scaled_randn([c_out], **fans) * init.bias) if kernel and bias else None
+        self.bias = nn.Parameter(fan_scaled_randn([c_out], **fans) * init.bias) if kernel else None
         taps = torch.as_tensor(resample_filter, dtype=torch.float32)
         fir = torch.outer(taps, taps)[None, None] / taps.sum() ** 2                # [1, 1, k, k]
-        self.register_buffer("resample_filter", fir if up or down else None)
+        self.register_buffer("resample_filter", fir if resample else None)
 
     def forward(self, x):
         fir = self.resample_filter
         w_pad = self.weight.shape[-1] // 2 if self.weight is not None else 0
-        if self.fused_down:
+        if self.resample == "fused_down":
             f_pad = (fir.shape[-1] - 1) // 2
             x = F.conv2d(x, self.weight, padding=w_pad + f_pad)                    # [B, C_out, H + 2 f_pad, ...]
             x = downsample_2x(x, fir, pad=0)                                       # [B, C_out, H/2, W/2]
         else:
-            if self.up:
+            if self.resample == "up":
                 x = upsample_2x(x, fir)
-            if self.down:
+            if self.resample == "down":
                 x = downsample_2x(x, fir)
             if self.weight is not None:
                 x = F.conv2d(x, self.weight, padding=w_pad)                        # [B, C_out, H, W]
@@ -124,25 +124,28 @@ class BlockStyle:
 
 
 class ResidualBlock(nn.Module):
-    """x -> skip_scale (skip(x) + conv1(drop(act(norm1(conv0(act(norm0 x))) <- emb)))), then attention."""
+    """h = conv0(SiLU(norm0 x)), modulated by emb inside SiLU(norm1 .); x = skip_scale (skip(x) + conv1(dropout h)).
 
-    def __init__(self, c_in, c_out, style, up=False, down=False, attention=False):
+    Then, where the block attends, x = skip_scale (x + proj(attention(norm2 x))).
+    """
+
+    def __init__(self, c_in, c_out, style, resample=None, attention=False):
         super().__init__()
         self.in_channels, self.out_channels = c_in, c_out
         self.dropout, self.skip_scale, self.adaptive_scale = style.dropout, style.skip_scale, style.adaptive_scale
         heads = 1 if style.channels_per_head == 0 else c_out // style.channels_per_head
         self.num_heads = heads if attention else 0          # ADM at C < 64 has no head, hence no attention
-        resample = dict(up=up, down=down, resample_filter=style.resample_filter)
+        resampling = dict(resample=resample, resample_filter=style.resample_filter)   # resample: None | up | down
 
         self.norm0 = group_norm(c_in, style.eps)
-        self.conv0 = Conv(c_in, c_out, 3, style.init, **resample)
+        self.conv0 = Conv(c_in, c_out, 3, style.init, **resampling)
         self.affine = linear(style.emb_channels, c_out * (2 if style.adaptive_scale else 1), style.init)
         self.norm1 = group_norm(c_out, style.eps)
         self.conv1 = Conv(c_out, c_out, 3, style.init_zero)
         self.skip = None
-        if c_out != c_in or up or down:
+        if c_out != c_in or resample:
             kernel = 1 if style.resample_proj or c_out != c_in else 0
-            self.skip = Conv(c_in, c_out, kernel, style.init, **resample)
+            self.skip = Conv(c_in, c_out, kernel, style.init, **resampling)
         if self.num_heads:
             self.norm2 = group_norm(c_out, style.eps)
             self.qkv = Conv(c_out, 3 * c_out, 1, style.init_attn or style.init)
