@@ -51,6 +51,14 @@ def build_denoiser(arch, sigma_data, label_dim=0, **arch_kwargs):
     return Denoiser(ARCHS[arch](label_dim=label_dim, **arch_kwargs), sigma_data, label_dim)
 
 
+def sample_shape(denoiser):
+    """The shape of one sample x the denoiser takes: (dim,) for the MLP, (channels, H, W) for the image networks."""
+    config = denoiser.backbone.config
+    if "dim" in config:
+        return (config["dim"],)
+    return (config["in_channels"], config["img_resolution"], config["img_resolution"])
+
+
 def denoiser_to_dict(denoiser):
     arch = {cls: name for name, cls in ARCHS.items()}[type(denoiser.backbone)]
     arch_kwargs = {k: v for k, v in denoiser.backbone.config.items() if k != "label_dim"}
