@@ -1,0 +1,86 @@
+"""The sample CLI: image files in the evaluator's format, per-index noise, balanced labels, teacher sampling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmd_minimal.generator import OneStepGenerator
+from dmd_minimal.networks import build_denoiser, denoiser_to_dict
+from dmd_minimal.sample import main, sample, to_uint8
+from dmd_minimal.sampler import sample_ode
+from dmd_minimal.utils import atomic_save, per_index_noise
+
+LABEL_DIM = 3
+
+
+def tiny_unet(channels=3, seed=0):
+    torch.manual_seed(seed)
+    return build_denoiser("songunet", 0.5, LABEL_DIM, img_resolution=8, in_channels=channels,
+                          out_channels=channels, model_channels=8, channel_mult=[1], num_blocks=1,
+                          attn_resolutions=[], dropout=0.0).eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint in train's format, with untrained tiny networks (distinct teacher and generator)."""
+    nets = dict(teacher=tiny_unet(seed=0), generator=tiny_unet(seed=1), fake_score=tiny_unet(seed=2))
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(dict(config=dict(sigma_max=80.0), step=0,
+                     **{name: denoiser_to_dict(net) for name, net in nets.items()}), path)
+    return path, nets
+
+
+def expected_images(model, num):
+    index = torch.arange(num)
+    with torch.no_grad():
+        return to_uint8(model(per_index_noise(index, (3, 8, 8), 0), index % LABEL_DIM)).numpy()
+
+
+def test_generator_samples_round_trip_as_npz_grid_and_pngs(checkpoint, tmp_path):
+    path, nets = checkpoint
+    out, png_dir = tmp_path / "dmd.npz", tmp_path / "png"
+    main(["--checkpoint", str(path), "--num", "10", "--batch-size", "4", "--out", str(out), "--png-dir", str(png_dir)])
+    saved = np.load(out)
+    assert saved["arr_0"].dtype == np.uint8 and saved["arr_0"].shape == (10, 8, 8, 3)
+    np.testing.assert_array_equal(saved["labels"], np.arange(10) % LABEL_DIM)   # balanced classes
+    generator = OneStepGenerator(nets["generator"], 80.0)
+    np.testing.assert_array_equal(saved["arr_0"], expected_images(generator, 10))
+    for i in (0, 9):
+        np.testing.assert_array_equal(np.asarray(Image.open(png_dir / f"{i:06d}.png")), saved["arr_0"][i])
+    grid = np.asarray(Image.open(out.with_suffix(".png")))
+    assert grid.shape[2] == 3 and grid.shape[0] > 8
+
+
+def test_teacher_steps_sample_the_teachers_ode_from_the_same_noise(checkpoint, tmp_path):
+    path, nets = checkpoint
+    out = tmp_path / "teacher.npz"
+    main(["--checkpoint", str(path), "--teacher-steps", "2", "--num", "5", "--out", str(out)])
+    heun = lambda z, labels: sample_ode(nets["teacher"], z, 2, labels)   # noqa: E731
+    np.testing.assert_array_equal(np.load(out)["arr_0"], expected_images(heun, 5))
+
+
+def test_ranks_split_the_indices_and_batch_size_does_not_matter():
+    generator = OneStepGenerator(tiny_unet(), 80.0)
+    whole, labels, _ = sample(generator, 7, (3, 8, 8), LABEL_DIM, batch_size=7)
+    parts = [sample(generator, 7, (3, 8, 8), LABEL_DIM, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
+    indices = torch.cat([p[2] for p in parts])
+    assert sorted(indices.tolist()) == list(range(7))
+    order = indices.argsort()
+    torch.testing.assert_close(torch.cat([p[0] for p in parts])[order], whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([p[1] for p in parts])[order], labels)
+
+
+def test_to_uint8_maps_the_unit_range_onto_bytes():
+    x = torch.tensor([-1.0, -0.999, 0.0, 1.0, 3.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_bad_requests_are_one_line_errors(checkpoint, tmp_path):
+    path, _ = checkpoint
+    gray = tmp_path / "gray.pt"
+    atomic_save(dict(config=dict(sigma_max=80.0), generator=denoiser_to_dict(tiny_unet(channels=1))), gray)
+    for args, message in ((["--checkpoint", str(path), "--out", str(tmp_path / "x.png")], "must end in .npz"),
+                          (["--checkpoint", str(gray), "--num", "2", "--out", str(tmp_path / "g.npz")], "RGB")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
