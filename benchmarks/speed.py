@@ -194,14 +194,14 @@ def training_rows(teacher, cfg, lpips, args, device):
     optimizer = measure(optimizer_steps, device, args.repeats, args.max_seconds)
     total = measure(iteration, device, args.repeats, args.max_seconds)
     t_iter, t_passes = total[0], sum(t for t, _, _ in timed.values())
-    rows = [(name, t, peak, runs) for name, (t, runs, peak) in timed.items()]
-    rows += [("**sum of the network passes**", t_passes, None, None),
-             ("AdamW steps with gradient clipping (both networks)", optimizer[0], optimizer[2], optimizer[1]),
-             ("**one DMD iteration** (train.generator_step + train.fake_score_step)", t_iter, total[2], total[1]),
-             ("rest: iteration - passes - AdamW (loss arithmetic, copies, syncs)", t_iter - t_passes - optimizer[0],
-              None, None)]
-    return [(name, f"{1000 * t:.1f}", f"{100 * t / t_iter:.1f}%", "" if runs is None and peak is None else gib(peak),
-             "" if runs is None else runs) for name, t, peak, runs in rows]
+
+    def row(name, seconds, runs="", peak=""):
+        return (name, f"{1000 * seconds:.1f}", f"{100 * seconds / t_iter:.1f}%", peak, runs)
+    return [row(name, t, runs, gib(peak)) for name, (t, runs, peak) in timed.items()] + [
+        row("**sum of the network passes**", t_passes),
+        row("AdamW steps with gradient clipping (both networks)", optimizer[0], optimizer[1], gib(optimizer[2])),
+        row("**one DMD iteration** (train.generator_step + train.fake_score_step)", t_iter, total[1], gib(total[2])),
+        row("rest: iteration - passes - AdamW (loss arithmetic, copies, syncs)", t_iter - t_passes - optimizer[0])]
 
 
 # ---- the run -----------------------------------------------------------------------------------
