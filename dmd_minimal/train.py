@@ -28,7 +28,7 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .metrics import toy_metrics
 from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
-from .pairs import generate_pairs, load_pairs, save_pairs
+from .pairs import load_pairs, make_pairs
 from .plots import loss_curves, scatter_panels
 from .sampler import sample_ode
 from .teacher import train_teacher
@@ -38,7 +38,6 @@ from .utils import DMDError, atomic_save, atomic_write, load_file, rng_state, se
 # Fields that must agree with a stage's saved result for it to be reused.
 TEACHER_FIELDS = ("dataset", "toy", "arch", "hidden", "depth", "sigma_data", "teacher_steps",
                   "teacher_batch", "teacher_lr", "teacher_ema", "P_mean", "P_std", "seed")
-PAIR_FIELDS = ("num_pairs", "pair_steps", "sigma_min", "sigma_max", "rho", "seed")
 # Fields that may change when a DMD run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = ("out", "device", "teacher", "dmd_steps", "log_every", "checkpoint_every", "num_eval")
 
@@ -87,17 +86,10 @@ def get_teacher(cfg, out):
 
 
 def get_pairs(cfg, teacher, out, shape):
-    """The regression pairs from OUT/pairs.pt, or generated now with the teacher's Heun sampler."""
-    path = out / "pairs.pt"
-    if path.exists():
-        pairs = load_pairs(path, shape)
-        check_same(dict(num_pairs=len(pairs["z"]), pair_steps=pairs["num_steps"], seed=pairs["seed"]),
-                   cfg, PAIR_FIELDS, "pairs", path)
-        print(f"reusing the pairs in {path}")
-        return pairs
-    pairs = generate_pairs(teacher, range(cfg.num_pairs), shape, cfg.seed, cfg.pair_steps)
-    save_pairs(path, pairs, cfg.seed, cfg.pair_steps)
-    return pairs
+    """The regression pairs in OUT/pairs: the missing shards are made now with the teacher's Heun sampler."""
+    folder = out / "pairs"
+    make_pairs(teacher, folder, cfg.num_pairs, shape, cfg.seed, cfg.pair_steps, batch_size=1024)
+    return load_pairs(folder, shape)
 
 
 # ---- one DMD iteration -------------------------------------------------------------------------
@@ -286,7 +278,7 @@ def report_toy(cfg, nets, history, out):
     if curves:
         loss_curves(curves, out / "losses.png")
     print_metrics(metrics)
-    print(f"wrote {out}/: teacher.pt pairs.pt checkpoint.pt samples.npz metrics.json samples.png losses.png")
+    print(f"wrote {out}/: teacher.pt pairs/ checkpoint.pt samples.npz metrics.json samples.png losses.png")
 
 
 def print_metrics(metrics):

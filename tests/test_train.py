@@ -69,7 +69,7 @@ def test_cli_writes_every_file_and_samples(tmp_path):
                      "--dmd-steps", "10", "--num-pairs", "300", "--batch-size", "64", "--teacher-batch", "64",
                      "--log-every", "5")
     assert result.returncode == 0, result.stderr
-    for name in ("teacher.pt", "pairs.pt", "checkpoint.pt", "samples.npz", "metrics.json", "samples.png", "losses.png"):
+    for name in ("teacher.pt", "pairs", "checkpoint.pt", "samples.npz", "metrics.json", "samples.png", "losses.png"):
         assert (out / name).stat().st_size > 0, name
     assert np.load(out / "samples.npz")["x"].shape == (10000, 2)
     metrics = json.loads((out / "metrics.json").read_text())
