@@ -10,18 +10,30 @@ import inspect
 import re
 from dataclasses import dataclass
 
+from .data import SHAPES
+from .networks import IMAGE_NETWORKS
+
 
 @dataclass
 class Config:
     # run
-    dataset: str = "toy2d"             # toy2d (cifar10 and imagenet64 come with the image pipeline)
+    dataset: str = "toy2d"             # toy2d, or images: cifar10, imagenet64, shapes (16x16, procedural, for CPU)
     toy: str = "grid25"                # toy2d data: grid25, ring8, moons, checkerboard, swissroll
     out: str = ""                      # output folder (default runs/<dataset>-<toy>); rerunning resumes it
-    teacher: str = ""                  # a teacher checkpoint to distil (default: train one into OUT/teacher.pt)
+    stage: str = "dmd"                 # run up to: teacher, pairs or dmd; each stage reuses what OUT holds
+    teacher: str = ""                  # teacher to distil: our .pt, an EDM .pkl or its URL (default: OUT/teacher.pt)
+    resume: str = ""                   # checkpoint to continue (default: OUT/checkpoint.pt when it exists)
     seed: int = 0                      # seeds the teacher, the pairs and DMD
-    device: str = ""                   # cpu, cuda, cuda:1 ... (default: cuda when available)
+    device: str = ""                   # cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)
+    precision: str = ""                # fp32, bf16 or fp16 autocast of the networks (default: bf16 on CUDA, else fp32)
+    # images (teacher training from scratch; distillation itself needs only the teacher and its pairs)
+    data_dir: str = ""                 # training images of cifar10 / imagenet64 (see data.py for the formats)
+    download: bool = False             # fetch CIFAR-10 into DATA_DIR if missing
+    resolution: int = 0                # image side; a teacher must match it
+    unconditional: bool = False        # ignore the class labels (CIFAR-10: EDM's uncond-vp teacher)
+    model_channels: int = 0            # width of an image teacher trained here (0: TEACHER_NETWORKS' width)
     # networks (the teacher's; generator and fake score are copies of it)
-    arch: str = "mlp"                  # backbone of the teacher
+    arch: str = "mlp"                  # backbone of a toy2d teacher (image teachers: TEACHER_NETWORKS)
     hidden: int = 128                  # MLP width
     depth: int = 4                     # MLP hidden layers
     sigma_data: float = 0.0            # data std in EDM's preconditioning (0: measure it from the data)
@@ -38,9 +50,11 @@ class Config:
     # regression pairs (DMD §3.3)
     num_pairs: int = 20000             # noise -> teacher-output pairs
     pair_steps: int = 18               # Heun steps of the teacher's ODE for each pair
+    regression_loss: str = ""          # lpips (VGG) or l2 (squared error) (default: lpips for images, l2 for toy2d)
+    lpips_resolution: int = 224        # LPIPS sees images upsampled bilinearly to this side (DMD: 224)
     # DMD
     dmd_steps: int = 2000              # generator updates
-    batch_size: int = 1024             # distribution-matching batch (the regression batch is as large)
+    batch_size: int = 1024             # distribution-matching batch of all processes together (regression: as large)
     lr: float = 1e-3                   # AdamW learning rate of the generator
     fake_lr: float = 1e-3              # AdamW learning rate of the fake score
     weight_decay: float = 0.01         # AdamW weight decay (both networks)
@@ -51,13 +65,17 @@ class Config:
     distribution_matching: bool = True  # use the distribution-matching loss (--no-distribution-matching: regression only)
     real_score_only: bool = False      # ablation: follow the real score alone, no fake score (Fig. 3)
     fake_steps_per_generator_step: int = 1   # fake-score updates per generator update (DMD 1, DMD2 5)
+    ema: float = 0.0                   # EMA decay of the generator's weights (0: off, as in the paper)
     num_levels: int = 1000             # size of the discrete sigma grid
     dm_min_level: int = 20             # distribution matching draws grid indices in [min, max] (2%-98%)
     dm_max_level: int = 980
     # logging and evaluation
-    log_every: int = 100               # steps between log lines / loss-curve points
+    log_every: int = 100               # steps between lines of OUT/log.jsonl (and loss-curve points)
     checkpoint_every: int = 500        # steps between checkpoints
-    num_eval: int = 10000              # samples drawn for metrics.json and samples.npz
+    keep_checkpoints: int = 2          # checkpoint-STEP.pt files kept (checkpoint.pt is always the latest)
+    sample_every: int = 1000           # steps between image grids OUT/grids/STEP.png, from fixed noise
+    grid_size: int = 64                # images in a grid (0: no grids)
+    num_eval: int = 10000              # toy2d: samples drawn for metrics.json and samples.npz
 
 
 PRESETS = {
@@ -65,7 +83,56 @@ PRESETS = {
     # paper's lr 5e-5 is far too slow at this scale; lambda_reg 1 and a cosine decay gave sharper modes.
     "toy2d": dict(teacher_steps=4000, teacher_batch=256, dmd_steps=2000, batch_size=256, lr=2e-3,
                   fake_lr=2e-3, lambda_reg=1.0, cosine_decay=True),
+    # The paper's runs (DMD Appendix B, DMD.md §7). The defaults already hold the rest: AdamW betas
+    # (0.9, 0.999), weight decay 0.01, grad clip 10, lambda_reg 0.25, 1000 sigma levels, DM in [20, 980].
+    "cifar10": dict(resolution=32, sigma_data=0.5,  # EDM: images in [-1, 1]
+                    batch_size=392,                 # 7 GPUs x 56
+                    lr=5e-5, fake_lr=5e-5,
+                    warmup_steps=500,
+                    dmd_steps=300_000,
+                    num_pairs=100_000,              # conditional; see UNCONDITIONAL
+                    pair_steps=18,                  # Heun, 35 NFE (EDM's CIFAR-10 sampler)
+                    # A teacher from scratch (--stage teacher): EDM's README `--cond=1 --arch=ddpmpp` with
+                    # EDM train.py's defaults: batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg.
+                    teacher_batch=512, teacher_lr=1e-3, teacher_steps=390_625, teacher_ema=0.99929),
+    "imagenet64": dict(resolution=64, sigma_data=0.5,
+                       batch_size=336,              # 7 GPUs x 48
+                       lr=2e-6, fake_lr=2e-6,
+                       warmup_steps=500,
+                       dmd_steps=350_000,
+                       num_pairs=25_000,
+                       pair_steps=256,              # Heun, 511 NFE
+                       # A teacher from scratch: EDM's README for edm-imagenet-64x64-cond-adm: batch 4096,
+                       # lr 1e-4, 2500 Mimg, EMA half-life 50 Mimg (32 A100s for 13 days).
+                       teacher_batch=4096, teacher_lr=1e-4, teacher_steps=610_352, teacher_ema=0.999943),
+    # shapes: 16x16 procedural images (data.py) for the tests and the tutorial, sized for minutes on a
+    # CPU (a teacher step of batch 32 is ~3.5 GFLOP). LPIPS would upsample every image to 224x224 for
+    # VGG, far too slow on a CPU (and its weights need a download): l2 instead.
+    "shapes": dict(resolution=16, sigma_data=0.5,
+                   teacher_steps=1500, teacher_batch=32, teacher_lr=2e-3, teacher_ema=0.99,
+                   num_pairs=512, dmd_steps=300, batch_size=32, lr=2e-4, fake_lr=2e-4,
+                   regression_loss="l2",
+                   log_every=10, checkpoint_every=100, sample_every=50),
 }
+UNCONDITIONAL = {   # what --unconditional changes on top of the preset
+    "cifar10": dict(lambda_reg=0.5, num_pairs=500_000),   # DMD Appendix B, EDM's uncond-vp teacher
+}
+LABEL_DIMS = {"cifar10": 10, "imagenet64": 1000, "shapes": len(SHAPES)}   # classes of the image datasets
+
+# The networks of image teachers trained from scratch (--stage teacher). Distilling a released teacher
+# takes its own network instead. EDM's augmentation labels are left out: we train without augmentation.
+TEACHER_NETWORKS = {
+    "cifar10": dict(IMAGE_NETWORKS["cifar10"], augment_dim=0),
+    "imagenet64": dict(IMAGE_NETWORKS["imagenet64"], augment_dim=0),
+    "shapes": dict(arch="songunet", in_channels=3, out_channels=3,
+                   model_channels=16,
+                   channel_mult=[1, 2],             # 16x16 and 8x8
+                   num_blocks=1,
+                   attn_resolutions=[],
+                   dropout=0.0),
+}
+CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
+           "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2")}
 
 
 def field_help():
@@ -83,8 +150,8 @@ def build_parser():
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         text = f"{helps.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        if f.name == "dataset":
-            parser.add_argument(flag, choices=sorted(PRESETS), help=text)
+        if f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], help=text)
         elif f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -93,8 +160,14 @@ def build_parser():
 
 
 def make_config(dataset="toy2d", **overrides):
-    """The defaults, then the dataset's preset, then the overrides: make_config("toy2d", toy="ring8")."""
-    return Config(**{**PRESETS[dataset], **overrides, "dataset": dataset})
+    """The defaults, then the dataset's preset (and UNCONDITIONAL's), then the overrides.
+
+    make_config("toy2d", toy="ring8"), make_config("cifar10", unconditional=True, teacher=url)
+    """
+    preset = PRESETS[dataset]
+    if overrides.get("unconditional"):
+        preset = {**preset, **UNCONDITIONAL.get(dataset, {})}
+    return Config(**{**preset, **overrides, "dataset": dataset})
 
 
 def parse_config(argv=None):

@@ -6,11 +6,15 @@ distributions (§3.2, Eq. 7): s_real - s_fake, estimated with the frozen teacher
 fake score trained online on the generator's own samples (Eq. 6), plus a regression loss to the
 teacher's noise -> image pairs (§3.3, Eq. 9). Each loss is a function returning a tensor.
 """
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from .denoiser import append_dims, denoising_loss
 from .sampler import karras_sigmas
+from .utils import DMDError, reason
 
 
 def sigma_levels(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
@@ -60,8 +64,33 @@ def fake_score_loss(fake_score, x, levels, class_labels=None):
     return denoising_loss(fake_score, x.detach().float(), sigma, class_labels).mean()
 
 
-def regression_loss(x, y, lpips=None):
-    """Regression of G(z_pair) onto the teacher's ODE output y (Eq. 9): LPIPS for images, else MSE."""
+def regression_loss(x, y, lpips=None, resolution=224):
+    """Regression of G(z_pair) onto the teacher's ODE output y (Eq. 9): LPIPS for images, else MSE.
+
+    LPIPS sees both images, in [-1, 1], upsampled bilinearly to resolution x resolution (DMD §3.3: 224).
+    """
     if lpips is None:
         return F.mse_loss(x.float(), y.float())
+    size = (resolution, resolution)
+    x, y = (F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False) for t in (x, y))
     return lpips(x, y).mean()
+
+
+def lpips_vgg(device="cpu"):
+    """LPIPS with the VGG16 backbone (Zhang et al. 2018, arXiv 1801.03924), frozen and in eval mode.
+
+    Its linear layers ship inside the lpips package; torchvision downloads VGG16's ImageNet weights
+    into torch.hub's cache on first use, which fails without internet: then a one-line error says
+    where to put the file. It runs in fp32: lpips normalises features with eps 1e-10, zero in fp16.
+    """
+    import lpips   # here: importing it (and torchvision's models) takes seconds, and toy runs never need it
+    url = "https://download.pytorch.org/models/vgg16-397923af.pth"   # what torchvision's VGG16 fetches
+    try:
+        with warnings.catch_warnings():   # lpips 0.1.4 passes torchvision's deprecated pretrained=True
+            warnings.simplefilter("ignore", UserWarning)
+            net = lpips.LPIPS(net="vgg", verbose=False)
+    except (OSError, RuntimeError) as e:   # no internet (urllib's errors are OSErrors), or a corrupt file
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {url} into {folder}/, "
+                       f"or use --regression-loss l2") from None
+    return net.to(device).eval().requires_grad_(False)

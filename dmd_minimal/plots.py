@@ -1,8 +1,12 @@
-"""Pictures shared by the training report and the tutorials: scatter panels and loss curves."""
+"""Pictures shared by the training report and the tutorials: scatter panels, loss curves, image grids."""
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")   # files only; notebooks switch to their inline backend themselves
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .utils import atomic_write  # noqa: E402
 
 
 def scatter_panels(panels, path=None, lim=6.0, max_points=5000):
@@ -26,6 +30,14 @@ def loss_curves(curves, path=None):
             ax.set_yscale("log")
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def image_grid(images, path, nrow=None):
+    """Images [N, C, H, W] in [-1, 1] as one PNG grid (square by default), written atomically."""
+    from torchvision.utils import save_image   # here: importing torchvision takes seconds
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    atomic_write(path, lambda f: save_image(images.detach().float().cpu(), f, nrow=nrow, normalize=True,
+                                            value_range=(-1, 1), format="png"))
 
 
 def _finish(fig, path):

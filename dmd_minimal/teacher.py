@@ -11,6 +11,13 @@ from tqdm import tqdm
 from .denoiser import edm_loss
 
 
+@torch.no_grad()
+def ema_update(ema, net, decay):
+    """ema <- decay ema + (1 - decay) net, parameter by parameter."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
 def train_teacher(denoiser, next_batch, steps, lr, ema_decay=0.999, P_mean=-1.2, P_std=1.2):
     """Train `denoiser` on batches (x, class_labels) from next_batch(); returns the EMA copy and the loss curve."""
     ema = copy.deepcopy(denoiser).requires_grad_(False)
@@ -25,9 +32,7 @@ def train_teacher(denoiser, next_batch, steps, lr, ema_decay=0.999, P_mean=-1.2,
         loss.backward()
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - ema_decay)
+        ema_update(ema, denoiser, ema_decay)
         losses.append(loss.item())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")

@@ -2,94 +2,157 @@
 
 Yin et al., arXiv 2311.18828, §3 and Algorithm 1. Each DMD iteration updates the generator with
 the distribution-matching loss plus lambda_reg times the regression loss, then the fake score with
-its denoising loss on the generator's (detached) samples. Every stage writes its result into the
-output folder and is reused on the next run, so rerunning the same command resumes it.
+its denoising loss on the generator's (detached) samples. The same loop runs toy2d on a CPU and the
+paper's image runs on one GPU or many (torchrun, see dist.py). Every stage writes its result into
+the output folder and is reused on the next run, so rerunning the same command resumes it.
 
     python -m dmd_minimal.train --dataset toy2d --toy grid25 --out runs/grid25
+    torchrun --nproc_per_node 7 -m dmd_minimal.train --dataset cifar10 --teacher URL_OR_PATH
+
+Randomness: step k of process r draws from torch's generator seeded by (seed, r, k), and the regression
+pairs come in an order fixed by (seed, epoch) and split across processes, so a resumed run computes
+exactly what the uninterrupted run would have.
 """
 import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
+import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, parse_config
-from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss,
+from . import dist
+from .checkpoint import check_same, load_checkpoint, resume, save_checkpoint  # noqa: F401 (sample.py)
+from .config import CHOICES, LABEL_DIMS, TEACHER_NETWORKS, parse_config
+from .data import infinite_loader, load_dataset
+from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
 from .generator import OneStepGenerator
-from .load import load_denoiser
-from .metrics import toy_metrics
-from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
+from .load import EDM_TEACHERS, load_denoiser
+from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict, sample_shape
 from .pairs import load_pairs, make_pairs
-from .plots import loss_curves, scatter_panels
-from .sampler import sample_ode
-from .teacher import train_teacher
+from .report import grid_noise, report_toy, write_grids
+from .teacher import ema_update, train_teacher
 from .toy2d import SAMPLERS, sample_toy
-from .utils import DMDError, atomic_save, atomic_write, load_file, rng_state, set_rng_state
+from .utils import DMDError, atomic_save, atomic_write, index_seed, load_file
 
-# Fields that must agree with a stage's saved result for it to be reused.
-TEACHER_FIELDS = ("dataset", "toy", "arch", "hidden", "depth", "sigma_data", "teacher_steps",
-                  "teacher_batch", "teacher_lr", "teacher_ema", "P_mean", "P_std", "seed")
-# Fields that may change when a DMD run is resumed: they do not change what is computed.
-RESUMABLE_FIELDS = ("out", "device", "teacher", "dmd_steps", "log_every", "checkpoint_every", "num_eval")
-
-
-def check_same(saved, cfg, fields, what, path):
-    """One-line error if a saved stage was made with other settings than cfg."""
-    current = dataclasses.asdict(cfg)
-    for name in fields:
-        if name in saved and saved[name] != current[name]:
-            raise DMDError(f"{path} was made with {name}={saved[name]!r}, not {current[name]!r}: "
-                           f"use another --out, or delete {path} to redo the {what}")
+# Fields that must agree with a saved teacher for it to be reused.
+TEACHER_FIELDS = ("dataset", "toy", "arch", "hidden", "depth", "sigma_data", "teacher_steps", "teacher_batch",
+                  "teacher_lr", "teacher_ema", "P_mean", "P_std", "seed", "resolution", "unconditional",
+                  "model_channels")
+PROCEDURAL = ("toy2d", "shapes")   # data made by code: a missing teacher is trained without asking
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULTED = ("precision", "regression_loss")   # "" picks the machine's or the dataset's default
 
 
 # ---- the teacher -------------------------------------------------------------------------------
 
+def data_spec(cfg):
+    """(shape of a sample, number of classes) of cfg's data: what the teacher must fit."""
+    if cfg.dataset == "toy2d":
+        return (2,), 0
+    return (3, cfg.resolution, cfg.resolution), 0 if cfg.unconditional else LABEL_DIMS[cfg.dataset]
+
+
+def data_name(dataset, toy, unconditional=False):
+    """How messages name the data: toy2d/grid25, cifar10, cifar10 --unconditional, ..."""
+    return f"toy2d/{toy}" if dataset == "toy2d" else dataset + " --unconditional" * unconditional
+
+
+def check_teacher(teacher, cfg, name):
+    """One-line error unless the teacher makes samples of cfg's shape with cfg's classes."""
+    shape, label_dim = data_spec(cfg)
+    if tuple(sample_shape(teacher)) != shape or teacher.label_dim != label_dim:
+        raise DMDError(f"teacher {name} makes samples {tuple(sample_shape(teacher))} with {teacher.label_dim} "
+                       f"classes, but {data_name(cfg.dataset, cfg.toy, cfg.unconditional)} has {shape} with "
+                       f"{label_dim}: pass a teacher for this data")
+
+
 def load_teacher(path, cfg):
     """The teacher --teacher names: a file of ours (checked to be for cfg's data), an EDM snapshot or a URL."""
-    if os.path.isfile(path) and zipfile.is_zipfile(path):   # ours: torch.save archives hold their config
+    if Path(path).is_file() and zipfile.is_zipfile(path):   # ours: torch.save archives hold their config
         config = load_file(path, "teacher").get("config")
-        if config and (config["dataset"], config["toy"]) != (cfg.dataset, cfg.toy):
-            raise DMDError(f"teacher {path} was trained on {config['dataset']}/{config['toy']}, "
-                           f"not {cfg.dataset}/{cfg.toy}")
+        trained_on = config and data_name(config["dataset"], config["toy"], config.get("unconditional", False))
+        if trained_on and trained_on != data_name(cfg.dataset, cfg.toy, cfg.unconditional):
+            raise DMDError(f"teacher {path} was trained on {trained_on}, "
+                           f"not {data_name(cfg.dataset, cfg.toy, cfg.unconditional)}")
     return load_denoiser(path)
 
 
+def train_new_teacher(cfg, path):
+    """Train a teacher for cfg's data with EDM's loss (teacher.py) and save it to path."""
+    shape, label_dim = data_spec(cfg)
+    if cfg.dataset == "toy2d":
+        sigma_data = cfg.sigma_data or float(sample_toy(cfg.toy, 100_000).std())   # DMD.md §1: the data's std
+        teacher = build_denoiser(cfg.arch, sigma_data, hidden=cfg.hidden, depth=cfg.depth)
+        next_batch = lambda: (sample_toy(cfg.toy, cfg.teacher_batch).to(cfg.device), None)  # noqa: E731
+    else:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.resolution)
+        if dataset.channels != shape[0]:
+            raise DMDError(f"{cfg.data_dir} holds {dataset.channels}-channel images, not {shape[0]}")
+        if label_dim and not 0 < dataset.num_classes <= label_dim:
+            raise DMDError(f"{cfg.data_dir} has {dataset.num_classes} classes, not up to {label_dim}: "
+                           f"--unconditional ignores the labels")
+        network = dict(TEACHER_NETWORKS[cfg.dataset], img_resolution=cfg.resolution)
+        network["model_channels"] = cfg.model_channels or network["model_channels"]
+        teacher = build_denoiser(sigma_data=cfg.sigma_data, label_dim=label_dim, **network)
+        batches = infinite_loader(dataset, cfg.teacher_batch, cfg.seed)
+
+        def next_batch():
+            x, labels = next(batches)
+            return x.to(cfg.device), labels.to(cfg.device) if label_dim else None
+    teacher.to(cfg.device).amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None   # fp16 needs a GradScaler
+    teacher, losses = train_teacher(teacher, next_batch, cfg.teacher_steps, cfg.teacher_lr, cfg.teacher_ema,
+                                    cfg.P_mean, cfg.P_std)
+    saved_cfg = dataclasses.replace(cfg, sigma_data=teacher.sigma_data)
+    atomic_save(dict(config=dataclasses.asdict(saved_cfg), denoiser=denoiser_to_dict(teacher), losses=losses), path)
+
+
 def get_teacher(cfg, out):
-    """The teacher from --teacher, from OUT/teacher.pt, or trained now with EDM's loss."""
+    """The teacher from --teacher, from OUT/teacher.pt, or trained now with EDM's loss (by process 0)."""
     if cfg.teacher:
-        return load_teacher(cfg.teacher, cfg)
+        teacher = load_teacher(cfg.teacher, cfg)
+        check_teacher(teacher, cfg, cfg.teacher)
+        return teacher
     path = out / "teacher.pt"
-    if path.exists():
-        saved = load_file(path, "teacher", required=("config", "denoiser"))
-        check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]),
-                   TEACHER_FIELDS, "teacher", path)
+    if not path.exists():
+        if cfg.dataset not in PROCEDURAL and cfg.stage != "teacher":
+            url = EDM_TEACHERS.get(f"{cfg.dataset}-{'uncond' if cfg.unconditional else 'cond'}")
+            released = f"EDM's released teacher with --teacher {url}" if url else "a teacher with --teacher PATH"
+            raise DMDError(f"no teacher for {data_name(cfg.dataset, cfg.toy, cfg.unconditional)} in {out}: "
+                           f"distil {released}, or train one here first with --stage teacher --data-dir DIR")
+        if dist.rank() == 0:
+            torch.manual_seed(cfg.seed)
+            train_new_teacher(cfg, path)
+    elif dist.rank() == 0:
         print(f"reusing the teacher in {path}")
-        return denoiser_from_dict(saved["denoiser"])
-    sigma_data = cfg.sigma_data or float(sample_toy(cfg.toy, 100_000).std())   # DMD.md §1: the data's std
-    teacher = build_denoiser(cfg.arch, sigma_data, hidden=cfg.hidden, depth=cfg.depth).to(cfg.device)
-    next_batch = lambda: (sample_toy(cfg.toy, cfg.teacher_batch).to(cfg.device), None)  # noqa: E731
-    teacher, losses = train_teacher(teacher, next_batch, cfg.teacher_steps, cfg.teacher_lr,
-                                    cfg.teacher_ema, cfg.P_mean, cfg.P_std)
-    saved_cfg = dataclasses.replace(cfg, sigma_data=sigma_data)
-    atomic_save(dict(config=dataclasses.asdict(saved_cfg), denoiser=denoiser_to_dict(teacher),
-                     losses=losses), path)
-    return teacher
+    dist.barrier()   # the others wait for process 0's teacher
+    saved = load_file(path, "teacher", required=("config", "denoiser"))
+    check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]),
+               TEACHER_FIELDS, "teacher", path)
+    return denoiser_from_dict(saved["denoiser"])
 
 
-def get_pairs(cfg, teacher, out, shape):
-    """The regression pairs in OUT/pairs: the missing shards are made now with the teacher's Heun sampler."""
+def get_pairs(cfg, teacher, out):
+    """The regression pairs in OUT/pairs, made now (shards split across processes) where missing."""
     folder = out / "pairs"
-    make_pairs(teacher, folder, cfg.num_pairs, shape, cfg.seed, cfg.pair_steps, batch_size=1024)
-    return load_pairs(folder, shape)
+    make_pairs(teacher, folder, cfg.num_pairs, sample_shape(teacher), cfg.seed, cfg.pair_steps,
+               rank=dist.rank(), world_size=dist.world_size())
+    dist.barrier()   # every shard is written before anyone reads them
+    return load_pairs(folder, sample_shape(teacher))
+
+
+def pair_batches(pairs, batch_size, seed, start_step):
+    """Endless regression batches dict(z, y, labels): this process's share of one fixed order (data.py)."""
+    labels = pairs["labels"] if pairs["labels"] is not None else torch.zeros(len(pairs["z"]), dtype=torch.long)
+    dataset = torch.utils.data.TensorDataset(pairs["z"], pairs["y"], labels)
+    loader = infinite_loader(dataset, batch_size, seed, start_step, dist.rank(), dist.world_size())
+    return (dict(zip(("z", "y", "labels"), batch)) for batch in loader)
 
 
 # ---- one DMD iteration -------------------------------------------------------------------------
@@ -99,46 +162,60 @@ def random_labels(label_dim, batch_size, device):
     return torch.randint(label_dim, (batch_size,), device=device) if label_dim else None
 
 
-def generator_step(cfg, nets, optimizer, pairs, levels):
-    """One generator update: L_DM + lambda_reg L_reg (DMD Eq. 9 and Algorithm 1). Returns x and the losses."""
+def apply_gradients(loss, net, optimizer, grad_clip, scaler=None):
+    """Backward, clip the gradient's norm, step; a non-finite gradient is not applied. Returns the norm.
+
+    scaler: fp16's GradScaler, which multiplies the loss so that small gradients survive in fp16
+    (then divides them back before clipping) and lowers its factor after an overflow.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip).item()
+    if math.isfinite(norm):
+        optimizer.step() if scaler is None else scaler.step(optimizer)
+    if scaler is not None:
+        scaler.update()
+    return norm
+
+
+def generator_step(cfg, nets, optimizer, pair_batch, levels, scaler=None):
+    """One generator update: L_DM + lambda_reg L_reg (DMD Eq. 9 and Algorithm 1).
+
+    pair_batch: this step's regression pairs dict(z, y, labels), or None for no regression loss.
+    Returns the distribution-matching samples x (detached), their labels and the step's metrics.
+    """
     generator, teacher, fake_score = nets["generator"], nets["teacher"], nets["fake_score"]
-    B, device = cfg.batch_size, levels.device
-    z = torch.randn((B,) + pairs["z"].shape[1:], device=device)
+    device = levels.device
+    B = cfg.batch_size // dist.world_size() if cfg.distribution_matching else 0   # this process's share
+    z = torch.randn((B, *sample_shape(teacher)), device=device)
     labels = random_labels(teacher.label_dim, B, device)
-    use_reg = cfg.lambda_reg > 0
-    if use_reg:   # the regression batch rides in the same forward pass
-        index = torch.randint(len(pairs["z"]), (B,))
-        z = torch.cat([z, pairs["z"][index].to(device)])
+    if pair_batch is not None:   # the regression batch rides in the same forward pass
+        z = torch.cat([z, pair_batch["z"].to(device)])
         if labels is not None:
-            labels = torch.cat([labels, pairs["labels"][index].to(device)])
+            labels = torch.cat([labels, pair_batch["labels"].to(device)])
     out = generator(z, labels)
     x, x_pair = out[:B], out[B:]
     labels = None if labels is None else labels[:B]
     losses = {}
-    loss = torch.zeros((), device=device)
     if cfg.distribution_matching:
         sigma = draw_sigmas(levels, B, cfg.dm_min_level, cfg.dm_max_level)
         grad = dmd_gradient(x, sigma, teacher, fake_score, labels, cfg.real_score_only)
         losses["loss_dm"] = distribution_matching_loss(x, grad)
-        loss = loss + losses["loss_dm"]
-    if use_reg:
-        losses["loss_reg"] = regression_loss(x_pair, pairs["y"][index].to(device))
-        loss = loss + cfg.lambda_reg * losses["loss_reg"]
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-    optimizer.step()
-    return x.detach(), labels, {k: v.item() for k, v in losses.items()}
+    if pair_batch is not None:
+        y = pair_batch["y"].to(device)
+        losses["loss_reg"] = regression_loss(x_pair, y, nets.get("lpips"), cfg.lpips_resolution)
+    loss = losses.get("loss_dm", 0) + cfg.lambda_reg * losses.get("loss_reg", 0)
+    grad_norm = apply_gradients(loss, generator, optimizer, cfg.grad_clip, scaler)
+    return x.detach(), labels, dict({k: v.item() for k, v in losses.items()}, grad_norm=grad_norm)
 
 
-def fake_score_step(cfg, fake_score, optimizer, x, labels, levels):
-    """One fake-score update on detached generator samples (DMD Eq. 6, Algorithm 3)."""
+def fake_score_step(cfg, fake_score, optimizer, x, labels, levels, scaler=None):
+    """One fake-score update on detached generator samples (DMD Eq. 6, Algorithm 3). Returns its metrics."""
     loss = fake_score_loss(fake_score, x, levels, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(fake_score.parameters(), cfg.grad_clip)
-    optimizer.step()
-    return loss.item()
+    grad_norm = apply_gradients(loss, fake_score, optimizer, cfg.grad_clip, scaler)
+    return dict(loss_fake=loss.item(), grad_norm_fake=grad_norm)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -153,139 +230,165 @@ def lr_factor(cfg):
 
 
 def resolve(cfg):
-    """Fill the defaults that depend on the machine or the dataset, and check the choices."""
-    if cfg.toy not in SAMPLERS:
+    """Fill the defaults that depend on the machine, the processes or the dataset, and check the choices."""
+    for name, choices in CHOICES.items():   # "": the default, filled in below
+        if getattr(cfg, name) not in choices and not (getattr(cfg, name) == "" and name in DEFAULTED):
+            raise DMDError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(choices)}")
+    if cfg.dataset == "toy2d" and cfg.toy not in SAMPLERS:
         raise DMDError(f"unknown toy distribution {cfg.toy!r}; choose one of {sorted(SAMPLERS)}")
     if not cfg.distribution_matching and cfg.lambda_reg <= 0:
         raise DMDError("nothing to train: --no-distribution-matching needs a regression loss (--lambda-reg > 0)")
-    out = cfg.out or f"runs/{cfg.dataset}-{cfg.toy}"
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return dataclasses.replace(cfg, out=out, device=device)
+    regression = cfg.regression_loss or ("l2" if cfg.dataset == "toy2d" else "lpips")   # DMD.md §6: MSE in 2D
+    if cfg.dataset == "toy2d" and regression == "lpips":
+        raise DMDError("LPIPS compares images, and toy2d samples are points: use --regression-loss l2")
+    if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
+        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
+                       f"(--batch-size {cfg.batch_size})")
+    _, world_size, device = dist.setup(cfg.device)
+    if cfg.batch_size % world_size:
+        raise DMDError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")   # DMD2: fp16 diverges, bf16 works
+    if precision == "fp16" and device.type != "cuda":
+        raise DMDError("--precision fp16 needs CUDA (for its GradScaler): use bf16 or fp32 on a CPU")
+    name = f"{cfg.dataset}-{cfg.toy}" if cfg.dataset == "toy2d" else cfg.dataset + "-uncond" * cfg.unconditional
+    return dataclasses.replace(cfg, out=cfg.out or f"runs/{name}", device=str(device), precision=precision,
+                               regression_loss=regression)
+
+
+def trainable_copy(teacher):
+    """A trainable copy of the teacher (generator or fake score); EDM's augmentation input stays unused."""
+    net = copy.deepcopy(teacher).requires_grad_(True)
+    if getattr(net.backbone, "map_augment", None) is not None:   # frozen: DDP expects a gradient for every
+        net.backbone.map_augment.requires_grad_(False)           # trained parameter, and it never gets one
+    return net
 
 
 def train(cfg):
-    """Run every stage of cfg into cfg.out; returns the trained generator."""
+    """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
-    out = Path(cfg.out)
+    out, device = Path(cfg.out), torch.device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    teacher = get_teacher(cfg, out).to(cfg.device).requires_grad_(False).eval()
+    if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    teacher = get_teacher(cfg, out).to(device).requires_grad_(False).eval()
+    if cfg.stage == "teacher":
+        return teacher
+    use_lpips = cfg.stage == "dmd" and cfg.lambda_reg > 0 and cfg.regression_loss == "lpips"
+    lpips = lpips_vgg(device) if use_lpips else None   # before the pairs: a missing download fails fast
+    pairs = get_pairs(cfg, teacher, out)   # in fp32: the pairs do not depend on --precision
+    if cfg.stage == "pairs":
+        return pairs
     cfg = dataclasses.replace(cfg, sigma_data=teacher.sigma_data)
-    shape = (2,)
-    pairs = get_pairs(cfg, teacher, out, shape)
+    nets, training = build_dmd(cfg, teacher, lpips)
+    state = dict(step=0, history=[], pending={}, skipped=dict(generator=0, fake_score=0))
+    path = Path(cfg.resume) if cfg.resume else out / "checkpoint.pt"
+    if cfg.resume or path.exists():
+        state = resume(path, cfg, nets, training)
+        if dist.rank() == 0:
+            print(f"resuming {path} at step {state['step']}")
+    run_dmd(cfg, nets, training, pairs, state, out)
+    generator = nets["generator_ema"] or dist.unwrap(nets["generator"])
+    if dist.rank() == 0 and cfg.dataset == "toy2d":
+        report_toy(cfg, dict(nets, generator=generator), state["history"], out)
+    return generator
 
-    nets = dict(teacher=teacher,
-                generator=OneStepGenerator(copy.deepcopy(teacher), cfg.sigma_max).requires_grad_(True),
-                fake_score=copy.deepcopy(teacher).requires_grad_(True))
-    optimizers = {name: torch.optim.AdamW(nets[name].parameters(), lr=lr, betas=(0.9, 0.999),
-                                          weight_decay=cfg.weight_decay)
-                  for name, lr in (("generator", cfg.lr), ("fake_score", cfg.fake_lr))}
+
+def build_dmd(cfg, teacher, lpips=None):
+    """The networks of DMD (teacher, generator, fake score, ...) and what trains them (AdamW, schedules, scalers)."""
+    device = torch.device(cfg.device)
+    teacher.amp_dtype = AMP_DTYPES[cfg.precision]   # autocast around the backbones only (denoiser.py)
+    generator, fake_score = OneStepGenerator(trainable_copy(teacher), cfg.sigma_max), trainable_copy(teacher)
+    nets = dict(teacher=teacher, generator=dist.wrap(generator, device), fake_score=dist.wrap(fake_score, device),
+                lpips=lpips, generator_ema=copy.deepcopy(generator).requires_grad_(False) if cfg.ema else None)
+    optimizers = {name: torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+                  for name, net, lr in (("generator", generator, cfg.lr), ("fake_score", fake_score, cfg.fake_lr))}
     schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg)) for name, opt in optimizers.items()}
-    levels = sigma_levels(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, cfg.device)
-    state = dict(step=0, history=[], pending={})
-    path = out / "checkpoint.pt"
-    if path.exists():
-        state = resume(path, cfg, nets, optimizers, schedules)
-        print(f"resuming {path} at step {state['step']}")
-    run_dmd(cfg, nets, optimizers, schedules, pairs, levels, state, path)
-    report_toy(cfg, nets, state["history"], out)
-    return nets["generator"]
+    scalers = {name: torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None for name in optimizers}
+    return nets, dict(optimizers=optimizers, schedules=schedules, scalers=scalers)
 
 
-def run_dmd(cfg, nets, optimizers, schedules, pairs, levels, state, path):
-    """DMD iterations from state['step'] to cfg.dmd_steps, with logging, checkpoints and Ctrl-C."""
-    uses_fake_score = cfg.distribution_matching and not cfg.real_score_only
-    fake_steps = cfg.fake_steps_per_generator_step if uses_fake_score else 0
+def dmd_iteration(cfg, nets, training, pair_batch, levels, skipped):
+    """Algorithm 1 once: a generator step, the fake score's step(s), then the EMA and the learning rates.
+
+    Returns the metrics; counts in `skipped` the updates that a non-finite gradient cancelled.
+    """
+    optimizers, scalers = training["optimizers"], training["scalers"]
+    x, labels, metrics = generator_step(cfg, nets, optimizers["generator"], pair_batch, levels, scalers["generator"])
+    skipped["generator"] += not math.isfinite(metrics["grad_norm"])
+    fake_steps = cfg.fake_steps_per_generator_step if cfg.distribution_matching and not cfg.real_score_only else 0
+    for k in range(fake_steps):
+        if k > 0:   # further fake-score steps see fresh generator samples
+            with torch.no_grad():
+                labels = random_labels(nets["teacher"].label_dim, len(x), x.device)
+                x = nets["generator"](torch.randn_like(x), labels)
+        metrics.update(fake_score_step(cfg, nets["fake_score"], optimizers["fake_score"], x, labels, levels,
+                                       scalers["fake_score"]))
+        skipped["fake_score"] += not math.isfinite(metrics["grad_norm_fake"])
+    if cfg.ema:
+        ema_update(nets["generator_ema"], dist.unwrap(nets["generator"]), cfg.ema)
+    training["schedules"]["generator"].step()
+    if fake_steps:
+        training["schedules"]["fake_score"].step()
+    return metrics
+
+
+def run_dmd(cfg, nets, training, pairs, state, out):
+    """DMD iterations from state['step'] to cfg.dmd_steps, with logs, grids, checkpoints and Ctrl-C."""
+    device, rank, main_process = torch.device(cfg.device), dist.rank(), dist.rank() == 0
+    levels = sigma_levels(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, device)
+    batch_size = cfg.batch_size // dist.world_size()
+    batches = pair_batches(pairs, batch_size, cfg.seed, state["step"]) if cfg.lambda_reg > 0 else None
+    shown = nets["generator_ema"] or dist.unwrap(nets["generator"])   # what the grids show
+    grids = main_process and cfg.dataset != "toy2d" and cfg.grid_size > 0
+    if grids:
+        teacher = nets["teacher"]
+        noise = grid_noise(cfg.grid_size, sample_shape(teacher), teacher.label_dim, cfg.seed + 1, device)
+    if main_process and state["step"] == 0:
+        atomic_write(out / "log.jsonl", lambda f: None)   # a fresh run starts a fresh log
+        if grids:   # the generator before training is the teacher's one-step prediction
+            write_grids(shown, noise, out / "grids" / "0000000.png", nets["teacher"], cfg.pair_steps)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
-               desc="dmd", mininterval=1.0)
+               desc="dmd", mininterval=1.0, disable=not main_process)
+    clock = time.perf_counter()
     try:
         for step in bar:
-            x, labels, losses = generator_step(cfg, nets, optimizers["generator"], pairs, levels)
-            for k in range(fake_steps):
-                if k > 0:   # further fake-score steps see fresh generator samples
-                    with torch.no_grad():
-                        labels = random_labels(nets["teacher"].label_dim, cfg.batch_size, cfg.device)
-                        x = nets["generator"](torch.randn_like(x), labels)
-                losses["loss_fake"] = fake_score_step(cfg, nets["fake_score"], optimizers["fake_score"],
-                                                      x, labels, levels)
-            schedules["generator"].step()
-            if fake_steps:
-                schedules["fake_score"].step()
+            torch.manual_seed(index_seed(index_seed(cfg.seed, rank), step))   # this step's randomness
+            metrics = dmd_iteration(cfg, nets, training, next(batches) if batches else None, levels, state["skipped"])
             state["step"] = step + 1
-            for k, v in losses.items():
+            for k, v in metrics.items():
                 state["pending"][k] = state["pending"].get(k, 0.0) + v / cfg.log_every
             if state["step"] % cfg.log_every == 0:
-                state["history"].append(dict(step=state["step"], **state["pending"]))
-                bar.set_postfix({k: f"{v:.4f}" for k, v in state["pending"].items()})
-                state["pending"] = {}
-            if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.dmd_steps or interrupted:
-                save_checkpoint(path, cfg, nets, optimizers, schedules, state)
-            if interrupted:
-                raise DMDError(f"interrupted: saved {path} at step {state['step']}; rerun the same command to resume")
+                seconds, clock = time.perf_counter() - clock, time.perf_counter()
+                record = log_record(cfg, state, training["schedules"]["generator"].get_last_lr()[0], seconds)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "images"))})
+                if main_process:
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if grids and state["step"] % cfg.sample_every == 0:
+                write_grids(shown, noise, out / "grids" / f"{state['step']:07d}.png")
+            stop = dist.any_process(interrupted, device)
+            if main_process and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.dmd_steps or stop):
+                save_checkpoint(out, cfg, nets, training, state)
+            if stop:
+                raise DMDError(f"interrupted: saved {out / 'checkpoint.pt'} at step {state['step']}; "
+                               f"rerun the same command to resume")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
+    if grids:
+        write_grids(shown, noise, out / "samples.png")
+        print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
 
 
-def save_checkpoint(path, cfg, nets, optimizers, schedules, state):
-    atomic_save(dict(
-        config=dataclasses.asdict(cfg), **state, rng=rng_state(),
-        **{name: denoiser_to_dict(net.denoiser if name == "generator" else net) for name, net in nets.items()},
-        optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
-        schedules={name: s.state_dict() for name, s in schedules.items()}), path)
-
-
-def load_checkpoint(path):
-    return load_file(path, "checkpoint", required=("config", "step", "generator", "fake_score", "teacher"))
-
-
-def resume(path, cfg, nets, optimizers, schedules):
-    """Restore everything save_checkpoint stored, after checking it belongs to this run."""
-    saved = load_checkpoint(path)
-    fields = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_FIELDS]
-    check_same(saved["config"], cfg, fields, "DMD run", path)
-    nets["generator"].denoiser.load_state_dict(saved["generator"]["state_dict"])
-    nets["fake_score"].load_state_dict(saved["fake_score"]["state_dict"])
-    for name in optimizers:
-        optimizers[name].load_state_dict(saved["optimizers"][name])
-        schedules[name].load_state_dict(saved["schedules"][name])
-    set_rng_state(saved["rng"])
-    return dict(step=saved["step"], history=saved["history"], pending=saved["pending"])
-
-
-# ---- the toy2d report --------------------------------------------------------------------------
-
-@torch.no_grad()
-def report_toy(cfg, nets, history, out):
-    """samples.npz, metrics.json and the pictures, all from the same fixed noise z."""
-    z = torch.randn(cfg.num_eval, 2, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
-    samples = {
-        "teacher, Heun 18 steps (35 NFE)": sample_ode(nets["teacher"], z, 18).cpu(),
-        "teacher, 1 Euler step": sample_ode(nets["teacher"], z, 1, solver="euler").cpu(),
-        "one-step generator": nets["generator"](z).cpu(),
-    }
-    names = dict(zip(samples, ("teacher_heun18", "teacher_euler1", "generator")))
-    nfe = dict(teacher_heun18=35, teacher_euler1=1, generator=1)
-    metrics = {names[k]: dict(nfe=nfe[names[k]], **toy_metrics(x, cfg.toy, cfg.seed)) for k, x in samples.items()}
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    atomic_write(out / "samples.npz", lambda f: np.savez(f, x=samples["one-step generator"].numpy()))
-    data = sample_toy(cfg.toy, cfg.num_eval, torch.Generator().manual_seed(cfg.seed + 2))
-    scatter_panels({f"data ({cfg.toy})": data, **samples}, out / "samples.png")
-    curves = {k: ([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
-              for k in ("loss_dm", "loss_reg", "loss_fake") if any(k in h for h in history)}
-    if curves:
-        loss_curves(curves, out / "losses.png")
-    print_metrics(metrics)
-    print(f"wrote {out}/: teacher.pt pairs/ checkpoint.pt samples.npz metrics.json samples.png losses.png")
-
-
-def print_metrics(metrics):
-    columns = list(next(iter(metrics.values())))
-    print(f"{'':16}" + "".join(f"{c:>17}" for c in columns))
-    for name, row in metrics.items():
-        print(f"{name:16}" + "".join(f"{row[c]:>17.4g}" for c in columns))
+def log_record(cfg, state, lr, seconds):
+    """The metrics averaged over the last cfg.log_every steps, appended to state['history']."""
+    record = dict(step=state["step"], **state["pending"], lr=lr, skipped=dict(state["skipped"]),
+                  images_per_s=cfg.batch_size * cfg.log_every / seconds)
+    state["history"].append(record)
+    state["pending"] = {}
+    return record
 
 
 def main(argv=None):
@@ -295,6 +398,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:   # outside the DMD loop: the finished stages are saved, the current one is redone
         sys.exit("error: interrupted; rerun the same command to continue")
+    finally:
+        dist.cleanup()
 
 
 if __name__ == "__main__":

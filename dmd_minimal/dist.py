@@ -1,0 +1,82 @@
+"""Several processes, one per GPU, started by torchrun: setup, DistributedDataParallel, barriers.
+
+    torchrun --nproc_per_node 8 -m dmd_minimal.train --dataset cifar10 --teacher URL
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 -m dmd_minimal.train ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; without them everything
+here is a no-op for a single process. Each process takes batch_size / WORLD_SIZE samples of every
+batch; DistributedDataParallel averages the trained networks' gradients across processes, so all of
+them take the same optimizer step on the gradient of the global batch.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def setup(device=""):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device in ("", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"          # one GPU per process
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    """Wait until every process gets here (e.g. until rank 0 has written a file the others read)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_process(flag, device):
+    """Whether flag is true in any process: all of them must stop at the same step."""
+    if not dist.is_initialized():
+        return bool(flag)
+    flag = torch.tensor(float(bool(flag)), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DDP(DistributedDataParallel):
+    """DistributedDataParallel that lets attributes of the wrapped network through (net.sigma_data, ...)."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(net, device):
+    """net in DDP when there are several processes (gradients averaged in backward), else net itself."""
+    if not dist.is_initialized():
+        return net
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
+               broadcast_buffers=False)   # the buffers are constants (FIR filters, frequencies)
+
+
+def unwrap(net):
+    """The network inside DDP (whose state_dict keys carry a 'module.' prefix)."""
+    return net.module if isinstance(net, DistributedDataParallel) else net

@@ -1,0 +1,63 @@
+"""What a run shows: image grids from fixed noise while it trains, the toy2d report when it ends.
+
+Every grid of a run uses the same noise z and labels, so successive grids show the same samples improving,
+next to what the teacher's ODE makes from that noise.
+"""
+import json
+
+import numpy as np
+import torch
+
+from .metrics import toy_metrics
+from .plots import image_grid, loss_curves, scatter_panels
+from .sampler import sample_ode
+from .toy2d import sample_toy
+from .utils import atomic_write, per_index_noise
+
+
+def grid_noise(num, shape, label_dim, seed, device):
+    """The fixed z [num, *shape] and labels (every class in turn, None if unconditional) of a run's grids."""
+    z = per_index_noise(range(num), shape, seed, device)
+    labels = torch.arange(num, device=device) % label_dim if label_dim else None
+    return z, labels
+
+
+@torch.no_grad()
+def write_grids(generator, noise, path, teacher=None, teacher_steps=18):
+    """The generator's one-step samples from noise (z, labels) as a PNG grid; the teacher's too, once."""
+    z, labels = noise
+    image_grid(generator(z, labels), path)
+    teacher_path = path.parent / "teacher.png"
+    if teacher is not None and not teacher_path.exists():
+        image_grid(sample_ode(teacher, z, teacher_steps, labels), teacher_path)
+
+
+@torch.no_grad()
+def report_toy(cfg, nets, history, out):
+    """samples.npz, metrics.json and the pictures, all from the same fixed noise z."""
+    z = torch.randn(cfg.num_eval, 2, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
+    samples = {
+        "teacher, Heun 18 steps (35 NFE)": sample_ode(nets["teacher"], z, 18).cpu(),
+        "teacher, 1 Euler step": sample_ode(nets["teacher"], z, 1, solver="euler").cpu(),
+        "one-step generator": nets["generator"](z).cpu(),
+    }
+    names = dict(zip(samples, ("teacher_heun18", "teacher_euler1", "generator")))
+    nfe = dict(teacher_heun18=35, teacher_euler1=1, generator=1)
+    metrics = {names[k]: dict(nfe=nfe[names[k]], **toy_metrics(x, cfg.toy, cfg.seed)) for k, x in samples.items()}
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write(out / "samples.npz", lambda f: np.savez(f, x=samples["one-step generator"].numpy()))
+    data = sample_toy(cfg.toy, cfg.num_eval, torch.Generator().manual_seed(cfg.seed + 2))
+    scatter_panels({f"data ({cfg.toy})": data, **samples}, out / "samples.png")
+    curves = {k: ([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
+              for k in ("loss_dm", "loss_reg", "loss_fake") if any(k in h for h in history)}
+    if curves:
+        loss_curves(curves, out / "losses.png")
+    print_metrics(metrics)
+    print(f"wrote {out}/: teacher.pt pairs/ checkpoint.pt log.jsonl samples.npz metrics.json samples.png losses.png")
+
+
+def print_metrics(metrics):
+    columns = list(next(iter(metrics.values())))
+    print(f"{'':16}" + "".join(f"{c:>17}" for c in columns))
+    for name, row in metrics.items():
+        print(f"{name:16}" + "".join(f"{row[c]:>17.4g}" for c in columns))
