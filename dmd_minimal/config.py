@@ -29,7 +29,7 @@ class Config:
     # images (teacher training from scratch; distillation itself needs only the teacher and its pairs)
     data_dir: str = ""                 # training images of cifar10 / imagenet64 (see data.py for the formats)
     download: bool = False             # fetch CIFAR-10 into DATA_DIR if missing
-    resolution: int = 0                # image side; a teacher must match it
+    resolution: int = 0                # image side (presets: 32, 64, 16); the teacher must match it
     unconditional: bool = False        # ignore the class labels (CIFAR-10: EDM's uncond-vp teacher)
     model_channels: int = 0            # width of an image teacher trained here (0: TEACHER_NETWORKS' width)
     # networks (the teacher's; generator and fake score are copies of it)

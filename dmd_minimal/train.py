@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import check_same, load_checkpoint, resume, save_checkpoint  # noqa: F401 (sample.py)
+from .checkpoint import check_same, resume, save_checkpoint
 from .config import CHOICES, LABEL_DIMS, TEACHER_NETWORKS, parse_config
 from .data import infinite_loader, load_dataset
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
@@ -266,8 +266,7 @@ def trainable_copy(teacher):
 def train(cfg):
     """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
-    out, device = Path(cfg.out), torch.device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
+    out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     teacher = get_teacher(cfg, out).to(device).requires_grad_(False).eval()

@@ -9,13 +9,15 @@ import warnings
 import pytest
 import torch
 
+from dmd_minimal.checkpoint import load_checkpoint
 from dmd_minimal.config import make_config
 from dmd_minimal.dmd_loss import regression_loss, sigma_levels
+from dmd_minimal.generator import OneStepGenerator
+from dmd_minimal.load import load_denoiser
 from dmd_minimal.networks import build_denoiser, denoiser_to_dict
 from dmd_minimal.songunet import SongUNet
-from dmd_minimal.train import apply_gradients, generator_step, load_checkpoint, train, trainable_copy
+from dmd_minimal.train import apply_gradients, generator_step, train, trainable_copy
 from dmd_minimal.train import main as train_main
-from dmd_minimal.generator import OneStepGenerator
 from dmd_minimal.utils import atomic_save
 
 
@@ -120,9 +122,7 @@ def test_regression_loss_upsamples_to_224():
 
 
 def test_lpips_regression_trains_the_generator(random_lpips, teacher_file):
-    teacher = torch.load(teacher_file, weights_only=True)["denoiser"]
-    from dmd_minimal.networks import denoiser_from_dict
-    teacher = denoiser_from_dict(teacher).eval().requires_grad_(False)
+    teacher = load_denoiser(teacher_file).requires_grad_(False)
     generator = OneStepGenerator(trainable_copy(teacher))
     lpips_before = {k: v.clone() for k, v in random_lpips.state_dict().items()}
     x = torch.rand(2, 3, 8, 8) * 2 - 1
@@ -221,7 +221,8 @@ def test_bad_input_gives_one_line_errors_and_damages_nothing(straight_run, teach
                  "--pair-steps", "2", "--batch-size", "8", "--dmd-steps", "4", "--grid-size", "0",
                  "--regression-loss", "l2"]
     cases = [
-        (["--resolution", "16", "--teacher", teacher_file], "makes samples (3, 8, 8) with 4 classes, but shapes has (3, 16, 16)"),
+        (["--resolution", "16", "--teacher", teacher_file],
+         "makes samples (3, 8, 8) with 4 classes, but shapes has (3, 16, 16)"),
         (["--teacher", gray], "makes samples (1, 8, 8)"),
         (["--unconditional", "--teacher", teacher_file], "but shapes --unconditional has (3, 8, 8) with 0"),
         (["--dataset", "cifar10", "--resolution", "32", "--stage", "teacher", "--data-dir", str(tmp_path / "nope")],
