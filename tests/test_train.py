@@ -43,6 +43,7 @@ def test_real_score_only_collapses(teacher_path, tmp_path):
     train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=200, lambda_reg=0.0,
                  real_score_only=True, **TINY))
     assert json.loads((tmp_path / "metrics.json").read_text())["generator"]["modes"] <= 3
+    assert not (tmp_path / "pairs").exists()                  # no regression loss: no pairs to make
 
 
 def test_resume_continues_exactly(teacher_path, tmp_path):
