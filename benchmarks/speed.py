@@ -146,27 +146,27 @@ def training_rows(teacher, cfg, lpips, args, device):
     levels = sigma_levels(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, device)
     labels = random_labels(teacher.label_dim, B, device)
     pair_batch = dict(z=torch.randn(B, *shape, device=device), y=torch.rand(B, *shape, device=device) * 2 - 1,
-                      labels=labels if labels is not None else torch.zeros(B, dtype=torch.long, device=device))
+                      labels=labels)
 
     def iteration():   # DMD Algorithm 1, as train.run_dmd calls it
         x, x_labels, _ = generator_step(cfg, nets, optimizers["generator"], pair_batch, levels, scalers["generator"])
         fake_score_step(cfg, fake_score, optimizers["fake_score"], x, x_labels, levels, scalers["fake_score"])
 
     # The same tensors each pass sees inside the iteration.
-    z = torch.randn(2 * B, *shape, device=device)                   # DM and regression noise ride together
-    z_labels = None if labels is None else torch.cat([labels, pair_batch["labels"]])
+    z = torch.randn(B, *shape, device=device)
     x = torch.rand(B, *shape, device=device) * 2 - 1               # stands in for G(z)
     sigma = draw_sigmas(levels, B, cfg.dm_min_level, cfg.dm_max_level)
     x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
-    upstream = torch.randn(2 * B, *shape, device=device)           # d loss / d G(z)
+    upstream = torch.randn(B, *shape, device=device)               # d loss / d G(z)
 
     @torch.no_grad()
     def forward(net):   # mu_real or mu_fake, as dmd_gradient evaluates them
         return net(x_t, sigma, labels)
 
-    def generator_pass():
+    def generator_pass():   # the DM batch, then the regression batch, as generator_step runs them
         generator.zero_grad(set_to_none=True)
-        generator(z, z_labels).backward(upstream)
+        generator(z, labels).backward(upstream)
+        generator(pair_batch["z"], pair_batch["labels"]).backward(upstream)
 
     def fake_score_train_pass():
         fake_score.zero_grad(set_to_none=True)
@@ -182,8 +182,7 @@ def training_rows(teacher, cfg, lpips, args, device):
 
     res = cfg.lpips_resolution
     passes = [
-        (f"generator forward+backward, 2 x {B} samples (DM and regression batches in one pass, as "
-         f"generator_step runs them)", generator_pass),
+        (f"generator forward+backward, 2 x {B} samples (the DM batch, then the regression batch)", generator_pass),
         ("teacher forward (mu_real)", lambda: forward(teacher)),
         ("fake-score forward (mu_fake)", lambda: forward(fake_score)),
         ("fake-score forward+backward (its denoising loss)", fake_score_train_pass),

@@ -317,25 +317,28 @@ def epoch_order(n, seed, epoch, rank=0, world_size=1):
     return order[rank::world_size][: n // world_size]   # every rank the same count
 
 
-def infinite_loader(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, num_workers=0):
-    """An endless iterator of (images [B, C, H, W], labels [B]), reshuffled each epoch from (seed, epoch).
+def batch_indices(length, batch_size, seed, start_step=0, rank=0, world_size=1):
+    """Endless index batches [batch_size] into a dataset of `length` items, reshuffled each epoch from (seed, epoch).
 
-    An epoch is the batches_per_epoch = (len(dataset) // world_size) // batch_size full batches of
+    An epoch is the batches_per_epoch = (length // world_size) // batch_size full batches of
     epoch_order (the remainder is skipped), so batch k of a run is batch k % batches_per_epoch of epoch
     k // batches_per_epoch: a run resumed at step k passes start_step=k and sees what it would have seen.
     """
-    batches_per_epoch = len(dataset) // world_size // batch_size
+    batches_per_epoch = length // world_size // batch_size
     if batches_per_epoch == 0:
-        raise DMDError(f"the dataset has {len(dataset)} images, too few for a batch of {batch_size} "
+        raise DMDError(f"the dataset has {length} items, too few for a batch of {batch_size} "
                        f"on each of {world_size} processes")
-    epoch, batch = divmod(start_step, batches_per_epoch)
 
-    def indices(epoch, batch):
+    def batches(epoch, batch):
         while True:
-            order = epoch_order(len(dataset), seed, epoch, rank, world_size)
-            yield from order[batch * batch_size: batches_per_epoch * batch_size].tolist()
+            order = epoch_order(length, seed, epoch, rank, world_size)
+            for b in range(batch, batches_per_epoch):
+                yield order[b * batch_size: (b + 1) * batch_size]
             epoch, batch = epoch + 1, 0
+    return batches(*divmod(start_step, batches_per_epoch))
 
-    # One DataLoader over an endless sampler, so that workers live as long as the iterator.
-    return iter(torch.utils.data.DataLoader(dataset, batch_size, sampler=indices(epoch, batch),
-                                            num_workers=num_workers, drop_last=True))
+
+def infinite_loader(dataset, batch_size, seed, start_step=0, rank=0, world_size=1, num_workers=0):
+    """An endless iterator of (images [B, C, H, W], labels [B]) in batch_indices' order (workers decode them)."""
+    batches = (b.tolist() for b in batch_indices(len(dataset), batch_size, seed, start_step, rank, world_size))
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers))

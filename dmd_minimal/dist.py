@@ -8,6 +8,7 @@ here is a no-op for a single process. Each process takes batch_size / WORLD_SIZE
 batch; DistributedDataParallel averages the trained networks' gradients across processes, so all of
 them take the same optimizer step on the gradient of the global batch.
 """
+import contextlib
 import os
 
 import torch
@@ -75,6 +76,11 @@ def wrap(net, device):
         return net
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
                broadcast_buffers=False)   # the buffers are constants (FIR filters, frequencies)
+
+
+def no_sync(net, skip=True):
+    """Inside it, DDP's backward passes only accumulate gradients; the first one outside averages them all."""
+    return net.no_sync() if skip and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def unwrap(net):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import check_same, resume, save_checkpoint
 from .config import CHOICES, LABEL_DIMS, TEACHER_NETWORKS, parse_config
-from .data import infinite_loader, load_dataset
+from .data import batch_indices, infinite_loader, load_dataset
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
 from .generator import OneStepGenerator
@@ -149,10 +149,8 @@ def get_pairs(cfg, teacher, out):
 
 def pair_batches(pairs, batch_size, seed, start_step):
     """Endless regression batches dict(z, y, labels): this process's share of one fixed order (data.py)."""
-    labels = pairs["labels"] if pairs["labels"] is not None else torch.zeros(len(pairs["z"]), dtype=torch.long)
-    dataset = torch.utils.data.TensorDataset(pairs["z"], pairs["y"], labels)
-    loader = infinite_loader(dataset, batch_size, seed, start_step, dist.rank(), dist.world_size())
-    return (dict(zip(("z", "y", "labels"), batch)) for batch in loader)
+    for i in batch_indices(len(pairs["z"]), batch_size, seed, start_step, dist.rank(), dist.world_size()):
+        yield dict(z=pairs["z"][i], y=pairs["y"][i], labels=None if pairs["labels"] is None else pairs["labels"][i])
 
 
 # ---- one DMD iteration -------------------------------------------------------------------------
@@ -162,14 +160,16 @@ def random_labels(label_dim, batch_size, device):
     return torch.randint(label_dim, (batch_size,), device=device) if label_dim else None
 
 
-def apply_gradients(loss, net, optimizer, grad_clip, scaler=None):
-    """Backward, clip the gradient's norm, step; a non-finite gradient is not applied. Returns the norm.
-
-    scaler: fp16's GradScaler, which multiplies the loss so that small gradients survive in fp16
-    (then divides them back before clipping) and lowers its factor after an overflow.
-    """
-    optimizer.zero_grad(set_to_none=True)
+def backward(loss, scaler=None):
+    """loss.backward(), through fp16's GradScaler: it multiplies the loss so that small gradients survive in fp16."""
     (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def step_optimizer(net, optimizer, grad_clip, scaler=None):
+    """Clip the norm of the gradient backward() left, then step; a non-finite gradient is not applied.
+
+    Returns the norm. The scaler divides its factor back out before clipping and lowers it after an overflow.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip).item()
@@ -180,35 +180,45 @@ def apply_gradients(loss, net, optimizer, grad_clip, scaler=None):
     return norm
 
 
+def apply_gradients(loss, net, optimizer, grad_clip, scaler=None):
+    """Backward, clip, step (step_optimizer). Returns the gradient's norm."""
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss, scaler)
+    return step_optimizer(net, optimizer, grad_clip, scaler)
+
+
 def generator_step(cfg, nets, optimizer, pair_batch, levels, scaler=None):
     """One generator update: L_DM + lambda_reg L_reg (DMD Eq. 9 and Algorithm 1).
 
+    The two losses take separate forward and backward passes whose gradients add up (the gradient of
+    their sum), so only one batch's activations are held at a time: half the memory of one joint pass.
     pair_batch: this step's regression pairs dict(z, y, labels), or None for no regression loss.
-    Returns the distribution-matching samples x (detached), their labels and the step's metrics.
+    Returns the distribution-matching samples x (detached; None without distribution matching), their
+    labels and the step's metrics.
     """
     generator, teacher, fake_score = nets["generator"], nets["teacher"], nets["fake_score"]
     device = levels.device
-    B = cfg.batch_size // dist.world_size() if cfg.distribution_matching else 0   # this process's share
-    z = torch.randn((B, *sample_shape(teacher)), device=device)
-    labels = random_labels(teacher.label_dim, B, device)
-    if pair_batch is not None:   # the regression batch rides in the same forward pass
-        z = torch.cat([z, pair_batch["z"].to(device)])
-        if labels is not None:
-            labels = torch.cat([labels, pair_batch["labels"].to(device)])
-    out = generator(z, labels)
-    x, x_pair = out[:B], out[B:]
-    labels = None if labels is None else labels[:B]
+    optimizer.zero_grad(set_to_none=True)
+    x = labels = None
     losses = {}
     if cfg.distribution_matching:
-        sigma = draw_sigmas(levels, B, cfg.dm_min_level, cfg.dm_max_level)
-        grad = dmd_gradient(x, sigma, teacher, fake_score, labels, cfg.real_score_only)
-        losses["loss_dm"] = distribution_matching_loss(x, grad)
+        B = cfg.batch_size // dist.world_size()   # this process's share
+        z = torch.randn((B, *sample_shape(teacher)), device=device)
+        labels = random_labels(teacher.label_dim, B, device)
+        with dist.no_sync(generator, pair_batch is not None):   # DDP averages the gradients once, after the last
+            x = generator(z, labels)
+            sigma = draw_sigmas(levels, B, cfg.dm_min_level, cfg.dm_max_level)
+            grad = dmd_gradient(x, sigma, teacher, fake_score, labels, cfg.real_score_only)
+            losses["loss_dm"] = distribution_matching_loss(x, grad)
+            backward(losses["loss_dm"], scaler)
     if pair_batch is not None:
-        y = pair_batch["y"].to(device)
-        losses["loss_reg"] = regression_loss(x_pair, y, nets.get("lpips"), cfg.lpips_resolution)
-    loss = losses.get("loss_dm", 0) + cfg.lambda_reg * losses.get("loss_reg", 0)
-    grad_norm = apply_gradients(loss, generator, optimizer, cfg.grad_clip, scaler)
-    return x.detach(), labels, dict({k: v.item() for k, v in losses.items()}, grad_norm=grad_norm)
+        pair_labels = None if pair_batch["labels"] is None else pair_batch["labels"].to(device)
+        x_pair = generator(pair_batch["z"].to(device), pair_labels)
+        losses["loss_reg"] = regression_loss(x_pair, pair_batch["y"].to(device), nets.get("lpips"), cfg.lpips_resolution)
+        backward(cfg.lambda_reg * losses["loss_reg"], scaler)
+    grad_norm = step_optimizer(generator, optimizer, cfg.grad_clip, scaler)
+    x = None if x is None else x.detach()
+    return x, labels, dict({k: v.item() for k, v in losses.items()}, grad_norm=grad_norm)
 
 
 def fake_score_step(cfg, fake_score, optimizer, x, labels, levels, scaler=None):
@@ -269,6 +279,8 @@ def train(cfg):
     out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:   # x86 CPUs handle floats below 1e-38 (tiny gradients, Adam's moments) 10-100x slower: count them as 0
+        torch.set_flush_denormal(True)
     teacher = get_teacher(cfg, out).to(device).requires_grad_(False).eval()
     if cfg.stage == "teacher":
         return teacher
