@@ -211,13 +211,13 @@ def generator_step(cfg, nets, optimizer, pair_batch, levels, scaler=None):
             grad = dmd_gradient(x, sigma, teacher, fake_score, labels, cfg.real_score_only)
             losses["loss_dm"] = distribution_matching_loss(x, grad)
             backward(losses["loss_dm"], scaler)
+        x = x.detach()
     if pair_batch is not None:
         pair_labels = None if pair_batch["labels"] is None else pair_batch["labels"].to(device)
         x_pair = generator(pair_batch["z"].to(device), pair_labels)
         losses["loss_reg"] = regression_loss(x_pair, pair_batch["y"].to(device), nets.get("lpips"), cfg.lpips_resolution)
         backward(cfg.lambda_reg * losses["loss_reg"], scaler)
     grad_norm = step_optimizer(generator, optimizer, cfg.grad_clip, scaler)
-    x = None if x is None else x.detach()
     return x, labels, dict({k: v.item() for k, v in losses.items()}, grad_norm=grad_norm)
 
 
