@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+from . import dist
 from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
@@ -71,8 +71,8 @@ def gather_on_rank0(x, labels, indices, world_size):
     """Every rank's samples, in index order, on rank 0 (None elsewhere)."""
     if world_size == 1:
         return x, labels
-    parts = [None] * world_size if dist.get_rank() == 0 else None
-    dist.gather_object((x, labels, indices), parts, dst=0)
+    parts = [None] * world_size if dist.rank() == 0 else None
+    torch.distributed.gather_object((x, labels, indices), parts, dst=0)
     if parts is None:
         return None, None
     order = torch.cat([p[2] for p in parts]).argsort()
@@ -107,17 +107,10 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
         if not args.out.endswith(".npz"):
             raise DMDError(f"--out {args.out} must end in .npz")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if world_size > 1:   # under torchrun: one process per GPU
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
-            if device == "cuda":
-                device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-                torch.cuda.set_device(device)
-        rank = dist.get_rank() if world_size > 1 else 0
+        rank, world_size, device = dist.setup(args.device)   # under torchrun: one process per GPU
         model, denoiser, what = load_model(args.checkpoint, args.teacher_steps)
         denoiser.to(device)
         shape = sample_shape(denoiser)
@@ -135,8 +128,7 @@ def main(argv=None):
     except DMDError as e:
         sys.exit(f"error: {e}")
     finally:
-        if world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        dist.cleanup()
 
 
 if __name__ == "__main__":

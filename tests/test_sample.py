@@ -1,7 +1,10 @@
 """The sample CLI: image files in the evaluator's format, per-index noise, balanced labels, teacher sampling."""
+import os
+
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 from dmd_minimal.generator import OneStepGenerator
@@ -9,6 +12,7 @@ from dmd_minimal.networks import build_denoiser, denoiser_to_dict
 from dmd_minimal.sample import main, sample, to_uint8
 from dmd_minimal.sampler import sample_ode
 from dmd_minimal.utils import atomic_save, per_index_noise
+from test_ddp import free_port
 
 LABEL_DIM = 3
 
@@ -68,6 +72,25 @@ def test_ranks_split_the_indices_and_batch_size_does_not_matter():
     order = indices.argsort()
     torch.testing.assert_close(torch.cat([p[0] for p in parts])[order], whole, rtol=1e-5, atol=1e-5)
     assert torch.equal(torch.cat([p[1] for p in parts])[order], labels)
+
+
+def cli_process(rank, port, argv):
+    """One process of `torchrun --nproc_per_node 2 -m dmd_minimal.sample ...` (gloo on the CPU)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    main(argv)
+
+
+def test_two_processes_write_the_same_file_as_one(checkpoint, tmp_path):
+    path, _ = checkpoint
+    argv = lambda out: ["--checkpoint", str(path), "--num", "7", "--batch-size", "2", "--device", "cpu",  # noqa: E731
+                        "--out", str(out)]
+    main(argv(tmp_path / "one.npz"))
+    mp.start_processes(cli_process, args=(free_port(), argv(tmp_path / "two.npz")), nprocs=2, start_method="fork")
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(two["labels"], one["labels"])
+    assert np.abs(two["arr_0"].astype(int) - one["arr_0"]).max() <= 1   # gathered in index order (rounding aside)
 
 
 def test_to_uint8_maps_the_unit_range_onto_bytes():
