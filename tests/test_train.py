@@ -13,7 +13,8 @@ import torch
 from dmd_minimal.config import Config, parse_config
 from dmd_minimal.sample import main as sample_main
 from dmd_minimal.checkpoint import load_checkpoint
-from dmd_minimal.train import get_teacher, resolve, train
+from dmd_minimal.teacher import get_teacher
+from dmd_minimal.train import resolve, train
 from dmd_minimal.train import main as train_main
 
 TINY = dict(teacher_batch=256, num_pairs=2000, batch_size=256, num_eval=10000, log_every=10)
