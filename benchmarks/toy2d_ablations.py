@@ -5,8 +5,8 @@
 
 For every toy and seed one teacher is trained (the toy2d preset), then each variant below distils it
 with the same budget. The teacher rows come from the same runs (its Heun and one-step Euler samples).
-Prints a markdown table (mean ± std over seeds) and writes it, with a figure of seed 0's samples,
-into --out. Every run is an ordinary `train(cfg)` folder, so a rerun reuses what is finished.
+Prints a markdown table (mean ± std over seeds) and writes it, with a figure of the first seed's
+samples (data, teacher, each variant), into --out. Every run is an ordinary `train(cfg)` folder, so a rerun reuses what is finished.
 """
 import argparse
 import dataclasses
@@ -18,7 +18,10 @@ import numpy as np
 import torch
 
 from dmd_minimal.config import make_config
+from dmd_minimal.load import load_denoiser
 from dmd_minimal.plots import scatter_panels
+from dmd_minimal.sampler import sample_ode
+from dmd_minimal.toy2d import sample_toy
 from dmd_minimal.train import train
 
 VARIANTS = {   # name: config overrides (DMD.md §4-6; DMD2 = arXiv 2405.14867's two time-scale rule)
@@ -44,6 +47,16 @@ def run_variant(toy, seed, name, overrides, out, dmd_steps):
         torch.manual_seed(seed)
         train(cfg)
     return json.loads((folder / "metrics.json").read_text()), folder
+
+
+@torch.no_grad()
+def reference_panels(toy, teacher_path, n=5000):
+    """Fresh data, and the teacher's Heun-18 and one-step samples from one fixed noise."""
+    teacher = load_denoiser(teacher_path)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    return {"data": sample_toy(toy, n, torch.Generator().manual_seed(0)),
+            "teacher, Heun 18 steps": sample_ode(teacher, z, 18),
+            "teacher, 1 Euler step": sample_ode(teacher, z, 1)}
 
 
 def summarise(values):
@@ -75,13 +88,15 @@ def main():
                         rows.setdefault(row, []).append(metrics[key])
                 rows.setdefault(name, []).append(metrics["generator"])
                 if seed == args.seeds[0]:
+                    if name == "DMD":
+                        panels.update(reference_panels(toy, folder / "teacher.pt"))
                     panels[name] = np.load(folder / "samples.npz")["x"]
         lines += [f"\n### {toy} ({len(args.seeds)} seeds: mean ± std)\n",
                   "| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         lines += [f"| {row} | " + " | ".join(summarise([m[c] for m in ms]) for c in COLUMNS) + " |"
                   for row, ms in rows.items()]
         out.mkdir(parents=True, exist_ok=True)
-        scatter_panels({name.split(" (")[0]: x for name, x in panels.items()}, out / f"{toy}.png")
+        scatter_panels({name.split(" (")[0]: x for name, x in panels.items()}, out / f"{toy}.png", columns=4)
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

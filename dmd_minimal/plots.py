@@ -9,10 +9,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .utils import atomic_write  # noqa: E402
 
 
-def scatter_panels(panels, path=None, lim=6.0, max_points=5000):
-    """Side-by-side scatter plots of 2D samples, one panel per {title: x [N, 2]}."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, x) in zip(axes[0], panels.items()):
+def scatter_panels(panels, path=None, lim=6.0, max_points=5000, columns=None):
+    """Scatter plots of 2D samples, one panel per {title: x [N, 2]}, side by side (rows of `columns`)."""
+    columns = columns or len(panels)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, x) in zip(axes.flat, panels.items()):
         x = x[:max_points]
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4, rasterized=True)
         ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
