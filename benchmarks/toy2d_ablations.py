@@ -64,8 +64,8 @@ def summarise(values):
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
-    return f"{mean:.3g}{spread}"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3g} ± {spread:.2g}" if spread else f"{mean:.3g}"
 
 
 def main():

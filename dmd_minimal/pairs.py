@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .load import load_denoiser
 from .networks import sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_save, atomic_write, load_file, per_index_noise, reason
+from .utils import DMDError, atomic_save, atomic_write, hide_progress, load_file, per_index_noise, reason
 
 MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("count", "shape", "seed", "num_steps", "label_dim", "shard_size")
@@ -91,7 +91,8 @@ def make_pairs(teacher, folder, count, shape, seed, num_steps, batch_size=256, s
     todo = [k for k in range(rank, num_shards, world_size)
             if not os.path.isfile(os.path.join(folder, shard_name(k)))]
     todo_pairs = sum(min(count, (k + 1) * shard_size) - k * shard_size for k in todo)
-    with tqdm(total=todo_pairs, desc="pairs", unit="pair", disable=rank != 0 or not todo, mininterval=1.0) as progress:
+    with tqdm(total=todo_pairs, desc="pairs", unit="pair", disable=hide_progress(rank) or not todo,
+              mininterval=1.0) as progress:
         for k in todo:
             indices = range(k * shard_size, min(count, (k + 1) * shard_size))
             shard = generate_pairs(teacher, indices, shape, seed, num_steps, batch_size, progress)

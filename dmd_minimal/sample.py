@@ -26,7 +26,7 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, load_file, per_index_noise
+from .utils import DMDError, atomic_write, hide_progress, load_file, per_index_noise
 
 
 def load_generator(path):
@@ -51,7 +51,7 @@ def sample(model, num, shape, label_dim=0, seed=0, batch_size=256, device="cpu",
     """Samples [n, *shape] and labels [n] (None if unconditional) of this rank's batches, with their indices [n]."""
     starts = range(rank * batch_size, num, world_size * batch_size)
     indices, xs = [], []
-    for start in tqdm(starts, desc="sampling", disable=rank > 0, mininterval=1.0):
+    for start in tqdm(starts, desc="sampling", disable=hide_progress(rank), mininterval=1.0):
         index = torch.arange(start, min(num, start + batch_size))
         z = per_index_noise(index, shape, seed, device)
         labels = index.to(device) % label_dim if label_dim else None

@@ -37,7 +37,7 @@ from .pairs import load_pairs, make_pairs
 from .report import grid_noise, report_toy, write_grids
 from .teacher import ema_update, get_teacher
 from .toy2d import SAMPLERS
-from .utils import DMDError, atomic_write, index_seed
+from .utils import DMDError, atomic_write, hide_progress, index_seed
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTED = ("precision", "regression_loss")   # "" picks the machine's or the dataset's default
@@ -269,7 +269,7 @@ def run_dmd(cfg, nets, training, pairs, state, out):
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
-               desc="dmd", mininterval=1.0, disable=not main_process)
+               desc="dmd", mininterval=1.0, disable=hide_progress(rank))
     clock = time.perf_counter()
     try:
         for step in bar:

@@ -1,4 +1,4 @@
-"""Small shared helpers: user-facing errors, atomic files, per-index noise, RNG state."""
+"""Small shared helpers: user-facing errors, progress bars, atomic files, per-index noise, RNG state."""
 import os
 import pickle
 import tempfile
@@ -15,6 +15,12 @@ def reason(e):
     """The first line of an exception's message, for a one-line error."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def hide_progress(rank=0):
+    """Whether to hide a tqdm bar: on every process but 0, and everywhere with TQDM_DISABLE=1 in the
+    environment (tqdm itself reads that variable only where a call leaves `disable` unset)."""
+    return rank > 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
 
 
 def atomic_write(path, write):

@@ -96,6 +96,15 @@ def test_ranks_one_after_the_other_equal_one_process(tmp_path):
     assert shard_files(tmp_path / "two") == shard_files(tmp_path / "one")
 
 
+@pytest.mark.parametrize("rank, environment, shown", [(0, {}, True), (0, {"TQDM_DISABLE": "1"}, False), (1, {}, False)])
+def test_progress_bar_on_process_0_unless_switched_off(rank, environment, shown, tmp_path, monkeypatch, capsys):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)   # the tutorials' saved outputs are made with TQDM_DISABLE=1
+    teacher = exact_denoiser("grid25")
+    make_pairs(teacher, tmp_path, 4, (2,), seed=0, num_steps=2, shard_size=2, rank=rank, world_size=2)
+    assert ("pairs:" in capsys.readouterr().err) == shown
+
+
 def test_pair_i_is_independent_of_batch_and_shard_size(tmp_path):
     teacher = mlp_teacher()
     make_pairs(teacher, tmp_path / "a", **SETTINGS)
