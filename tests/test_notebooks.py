@@ -1,8 +1,10 @@
 """Every tutorial notebook runs top to bottom with DMD_FAST=1 (tiny step counts), in a scratch folder."""
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -11,9 +13,15 @@ NOTEBOOKS = sorted(TUTORIALS.glob("[0-9]*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """One working folder for all notebooks, so the teacher the first one trains is reused by the rest."""
-    return tmp_path_factory.mktemp("tutorials")
+def kernel(tmp_path_factory):
+    """One kernel for all notebooks, in one working folder (the teacher the first one trains is reused by
+    the rest). Each notebook starts from an empty namespace (%reset); only the imported modules carry over,
+    so torch is imported once rather than once per notebook."""
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tmp_path_factory.mktemp("tutorials")),
+                    env=dict(os.environ, DMD_FAST="1", TQDM_DISABLE="1"))
+    yield km
+    km.shutdown_kernel(now=True)
 
 
 def test_there_are_notebooks():
@@ -28,14 +36,11 @@ def test_committed_with_outputs(path):
                             f"refresh them with: python tutorials/run.py {path.name}")
 
 
-@pytest.mark.slow   # minutes of CPU: kept out of CI until the suite has room (`pytest -m slow`)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, workdir, monkeypatch):
-    monkeypatch.setenv("DMD_FAST", "1")
-    monkeypatch.setenv("TQDM_DISABLE", "1")
+def test_notebook_runs(path, kernel):
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=600, startup_timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(workdir)}})   # timeouts per cell, for a busy CI
+    notebook.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))   # nothing left from the notebook before
+    client = NotebookClient(notebook, km=kernel, timeout=600)            # per cell, for a busy CI
     try:
         client.execute()
     except CellExecutionError as e:
