@@ -91,7 +91,7 @@ def load_teacher(path, cfg):
 
 
 def train_new_teacher(cfg, path):
-    """Train a teacher for cfg's data with EDM's loss (teacher.py) and save it to path."""
+    """Train a teacher for cfg's data with EDM's loss (train_teacher) and save it to path."""
     shape, label_dim = data_spec(cfg)
     if cfg.dataset == "toy2d":
         sigma_data = cfg.sigma_data or float(sample_toy(cfg.toy, 100_000).std())   # DMD.md §1: the data's std
