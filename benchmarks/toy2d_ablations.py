@@ -6,7 +6,8 @@
 For every toy and seed one teacher is trained (the toy2d preset), then each variant below distils it
 with the same budget. The teacher rows come from the same runs (its Heun and one-step Euler samples).
 Prints a markdown table (mean ± std over seeds) and writes it, with a figure of the first seed's
-samples (data, teacher, each variant), into --out. Every run is an ordinary `train(cfg)` folder, so a rerun reuses what is finished.
+samples (data, teacher, each variant), into --out. Every run is an ordinary `train(cfg)` folder, so
+a rerun reuses what is finished.
 """
 import argparse
 import dataclasses
