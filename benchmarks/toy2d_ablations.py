@@ -92,7 +92,8 @@ def main():
                     if name == "DMD":
                         panels.update(reference_panels(toy, folder / "teacher.pt"))
                     panels[name] = np.load(folder / "samples.npz")["x"]
-        lines += [f"\n### {toy} ({len(args.seeds)} seeds: mean ± std)\n",
+        seeds = f"{len(args.seeds)} seeds: mean ± std" if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
+        lines += [f"\n### {toy} ({seeds})\n",
                   "| variant | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         lines += [f"| {row} | " + " | ".join(summarise([m[c] for m in ms]) for c in COLUMNS) + " |"
                   for row, ms in rows.items()]
