@@ -46,6 +46,9 @@ SHAPES = ("disc", "square", "triangle", "ring")                # the class label
 DATA_SPECS["shapes"] = (3, 16, len(SHAPES))
 # Labelled datasets with a test split: scored in a classifier's features (classifier.py), not Inception's.
 CLASSIFIER_DATASETS = tuple(TORCHVISION_CLASSES)
+CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                 "bag", "ankle boot"),   # Xiao et al., arXiv 1708.07747, Table 1
+               "mnist": tuple(str(d) for d in range(10)), "shapes": SHAPES}
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")                # PIL modes read as one channel; the rest as RGB
 # What parsing a truncated or foreign file raises (BadZipFile and zlib.error are not OSErrors).
 CORRUPT = (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
@@ -291,6 +294,14 @@ class ImageFolderZip(torch.utils.data.Dataset):
             raise DMDError(f"{self.path}: {self.files[i]} is {list(image.shape)} (C, H, W), unlike the "
                            f"first image {[self.channels, self.resolution, self.resolution]}")
         return to_unit_range(image), torch.tensor(self.labels[i])
+
+
+class Subset(torch.utils.data.Subset):
+    """Some of a dataset's items (indices), with its .channels, .resolution and .num_classes."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.channels, self.resolution, self.num_classes = dataset.channels, dataset.resolution, dataset.num_classes
 
 
 # ---- procedural shapes --------------------------------------------------------------------------
