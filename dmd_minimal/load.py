@@ -63,7 +63,11 @@ def load_denoiser(path, which="teacher", dropout=0.0):
         path = cached_download(path)
     if not os.path.isfile(path):
         raise DMDError(f"denoiser file {path} does not exist")
-    if not zipfile.is_zipfile(path):   # torch.save writes zip archives, EDM's snapshots are plain pickles
+    try:
+        is_zip = zipfile.is_zipfile(path)   # torch.save writes zip archives, EDM's snapshots are plain pickles
+    except zipfile.BadZipFile as e:         # a damaged end record raises instead of answering False
+        raise DMDError(f"denoiser file {path} is corrupt ({reason(e)})") from None
+    if not is_zip:
         if which != "teacher":
             raise DMDError(f"{path} is not a training checkpoint of dmd_minimal; which={which!r} needs one")
         return denoiser_from_edm_snapshot(path, dropout)

@@ -7,6 +7,7 @@ state}); no EDM code is involved, and the loader must never run module_src or an
 import math
 import os
 import pickle
+import random
 import sys
 import types
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 
 from dmd_minimal import load_denoiser
 from dmd_minimal.convert_edm import main as convert_main
-from dmd_minimal.networks import denoiser_from_dict, denoiser_to_dict
+from dmd_minimal.networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
 from dmd_minimal.utils import DMDError, atomic_save
 from test_edm_networks import extra_inputs, tiny_denoiser
 
@@ -206,3 +207,47 @@ def test_convert_edm_cli(write_pickle, tmp_path, capsys):
     message = str(error.value.code)
     assert message.startswith("error:") and "missing.pkl" in message and "\n" not in message
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_module_tree_that_loops_back_is_a_one_line_error(write_pickle, tmp_path):
+    snapshot = edm_snapshot(tiny_denoiser("ddpmpp"))
+    encoder = snapshot["ema"].state["_modules"]["model"].state["_modules"]["enc"]   # an nn.ModuleDict
+    encoder.__dict__["_modules"]["itself"] = encoder
+    with pytest.raises(SystemExit) as error:
+        convert_main([str(write_pickle(snapshot)), str(tmp_path / "x.pt")])
+    message = str(error.value.code)
+    assert "module tree loops back" in message and "model.enc.itself" in message and "\n" not in message
+
+
+def damaged_copies(data, count, seed=0):
+    """`count` copies of data, each with 1-4 bytes overwritten at random offsets or cut short at one."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        copy = bytearray(data)
+        if rng.random() < 0.3:
+            del copy[rng.randrange(len(copy)):]
+        else:
+            for _ in range(rng.randint(1, 4)):
+                copy[rng.randrange(len(copy))] = rng.randrange(256)
+        yield bytes(copy)
+
+
+@pytest.mark.filterwarnings("ignore")   # torch.load warns about a damaged pickle protocol number
+def test_damaged_files_give_only_one_line_errors(write_pickle, tmp_path):
+    """Small files, so that most damage hits the structure (zip records, pickle opcodes), not the weights."""
+    ours = tmp_path / "teacher.pt"
+    atomic_save(dict(denoiser=denoiser_to_dict(build_denoiser("mlp", 1.0, 3, hidden=8, depth=1))), ours)
+    edm = write_pickle(edm_snapshot(build_denoiser("songunet", 0.5, 3, img_resolution=4, model_channels=4,
+                                                   channel_mult=[1], channel_mult_emb=1, num_blocks=1,
+                                                   attn_resolutions=[], dropout=0.0)))
+    outcomes = []
+    for path, count in ((ours, 300), (edm, 150)):
+        for data in damaged_copies(path.read_bytes(), count):
+            (damaged := tmp_path / f"damaged{path.suffix}").write_bytes(data)
+            try:
+                load_denoiser(damaged)
+                outcomes.append("loaded")
+            except DMDError as e:
+                assert "\n" not in str(e)
+                outcomes.append("error")
+    assert outcomes.count("error") > len(outcomes) / 2
