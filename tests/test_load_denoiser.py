@@ -4,6 +4,7 @@ The EDM snapshots are built here with a pickler of our own that lays objects out
 torch_utils/persistence.py does (the reconstruct hook with meta = {type, version, module_src, class_name,
 state}); no EDM code is involved, and the loader must never run module_src or any other pickled code.
 """
+import hashlib
 import math
 import os
 import pickle
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from dmd_minimal import load_denoiser
 from dmd_minimal.convert_edm import main as convert_main
+from dmd_minimal.load import cached_download
 from dmd_minimal.networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
 from dmd_minimal.utils import DMDError, atomic_save
 from test_edm_networks import extra_inputs, tiny_denoiser
@@ -176,21 +178,39 @@ def test_our_teacher_files_and_checkpoints(tmp_path):
         load_denoiser(tmp_path / "teacher.pt", which="generator")
 
 
-def test_url_is_downloaded_once_into_the_hub_cache(write_pickle, tmp_path, monkeypatch):
-    source = tiny_denoiser("ddpmpp", label_dim=10)
-    served = write_pickle(edm_snapshot(source), "served.pkl")
+def test_url_is_downloaded_once_into_the_hub_cache_keyed_by_the_whole_url(write_pickle, tmp_path, monkeypatch):
+    served = {}   # url -> the denoiser behind it
     downloads = []
 
     def fake_download(url, dst, *args, **kwargs):          # no network in tests
         downloads.append(url)
         with open(dst, "wb") as f:
-            f.write(served.read_bytes())
+            f.write(write_pickle(edm_snapshot(served[url]), "served.pkl").read_bytes())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    url = "https://example.com/edm/pretrained/edm-tiny.pkl"
+    urls = ["https://example.com/edm/pretrained/edm-tiny.pkl", "https://example.org/other/edm-tiny.pkl"]
+    for seed, url in enumerate(urls):   # the same file name on two hosts: two files, never one for both
+        served[url] = tiny_denoiser("ddpmpp", label_dim=10, seed=seed)
     for _ in range(2):
-        assert_same_outputs(source, load_denoiser(url))
-    assert downloads == [url] and (tmp_path / "hub" / "checkpoints" / "edm-tiny.pkl").is_file()
+        for url in urls:
+            assert_same_outputs(served[url], load_denoiser(url))
+    assert downloads == urls
+    cached = sorted(os.listdir(tmp_path / "hub" / "checkpoints"))
+    assert len(cached) == 2 and all(name.startswith("edm-tiny.url-") and name.endswith(".pkl") for name in cached)
+
+
+def test_a_hash_in_the_file_name_is_verified(tmp_path, monkeypatch):
+    """torch.hub's convention (vgg16-397923af.pth): the name ends in the first hex digits of the file's SHA-256."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    data = b"the published weights"
+    digest = hashlib.sha256(data).hexdigest()
+    for name in (f"weights-{digest[:8]}.pth", "weights-00000000.pth", "weights.pth"):
+        (tmp_path / name).write_bytes(data)
+    assert open(cached_download((tmp_path / f"weights-{digest[:8]}.pth").as_uri()), "rb").read() == data
+    assert open(cached_download((tmp_path / "weights.pth").as_uri()), "rb").read() == data    # no hash: none checked
+    with pytest.raises(DMDError, match=f'cannot download .*weights-00000000.pth .*expected "00000000", got "{digest}"'):
+        cached_download((tmp_path / "weights-00000000.pth").as_uri())
+    assert len(os.listdir(tmp_path / "hub" / "checkpoints")) == 2      # nothing left of the rejected download
 
 
 def test_convert_edm_cli(write_pickle, tmp_path, capsys):
