@@ -173,6 +173,6 @@ def denoiser_from_edm_snapshot(path, dropout=0.0):
     try:
         denoiser.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        reason = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
-        raise DMDError(f"{path}: its weights do not fit the rebuilt {arch}: {reason}") from None
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
+        raise DMDError(f"{path}: its weights do not fit the rebuilt {arch}: {details}") from None
     return denoiser.eval()

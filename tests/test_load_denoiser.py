@@ -239,6 +239,14 @@ def test_a_module_tree_that_loops_back_is_a_one_line_error(write_pickle, tmp_pat
     assert "module tree loops back" in message and "model.enc.itself" in message and "\n" not in message
 
 
+def test_stored_arguments_that_cannot_build_a_network_are_a_one_line_error(write_pickle):
+    snapshot = edm_snapshot(tiny_denoiser("ddpmpp"))
+    snapshot["ema"].state["_init_kwargs"]["model_channels"] = -16   # what one damaged byte made of 16
+    with pytest.raises(DMDError, match="cannot rebuild the network from its stored arguments") as error:
+        load_denoiser(write_pickle(snapshot))
+    assert "\n" not in str(error.value)
+
+
 def damaged_copies(data, count, seed=0):
     """`count` copies of data, each with 1-4 bytes overwritten at random offsets or cut short at one."""
     rng = random.Random(seed)
