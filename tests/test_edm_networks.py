@@ -1,8 +1,7 @@
 """EDM's image networks (SongUNet: DDPM++ / NCSN++, DhariwalUNet: ADM): layout, shapes, conditioning, sampling.
 
 Tiny widths everywhere; the full presets (a slow test) are compared with the layout of EDM's released
-networks. Forward parity against EDM's own code is checked outside the repository (EDM's licence keeps
-its code out of it).
+networks. test_edm_reference.py compares the outputs with those of EDM's own code.
 """
 import math
 
