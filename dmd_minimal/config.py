@@ -55,6 +55,7 @@ class Config:
     pair_steps: int = 18               # Heun steps of the teacher's ODE for each pair
     regression_loss: str = ""          # lpips (VGG) or l2 (squared error) (default: lpips for images, l2 for toy2d)
     lpips_resolution: int = 224        # LPIPS sees images upsampled bilinearly to this side (DMD: 224)
+    lpips_pooling: str = "avg"         # VGG16's pooling in LPIPS: avg (PIQ's, as DMD used it) or max (the original)
     # DMD
     dmd_steps: int = 2000              # generator updates
     batch_size: int = 1024             # distribution-matching batch of all processes together (regression: as large)
@@ -164,7 +165,8 @@ TEACHER_NETWORKS = {
 TEACHER_NETWORKS["mnist"] = TEACHER_NETWORKS["fashion-mnist"]
 TEACHER_NETWORKS["folder"] = dict(TEACHER_NETWORKS["shapes"], channel_mult=[1, 2, 2])
 CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
-           "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2")}
+           "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2"),
+           "lpips_pooling": ("avg", "max")}
 
 
 def field_help():

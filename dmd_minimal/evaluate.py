@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .data import CLASSIFIER_DATASETS, CORRUPT, GRAY_MODES, load_dataset
-from .load import cached_download
+from .load import cache_path, cached_download
 from .utils import DMDError, atomic_write, reason
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -85,9 +85,8 @@ class InceptionV3:
         try:
             return cached_download(INCEPTION_URL)
         except DMDError:
-            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
             raise DMDError(f"FID needs the Inception-v3 weights {INCEPTION_URL} and cannot download them: "
-                           f"put that file at {cache} or pass --inception-weights FILE") from None
+                           f"put that file at {cache_path(INCEPTION_URL)} or pass --inception-weights FILE") from None
 
     def __call__(self, images):
         features, logits = self.net(images.to(self.device))

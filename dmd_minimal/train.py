@@ -193,7 +193,7 @@ def train(cfg):
     if cfg.stage == "teacher":
         return teacher
     use_lpips = cfg.stage == "dmd" and cfg.lambda_reg > 0 and cfg.regression_loss == "lpips"
-    lpips = lpips_vgg(device) if use_lpips else None   # before the pairs: a missing download fails fast
+    lpips = lpips_vgg(device, cfg.lpips_pooling) if use_lpips else None   # before the pairs: a missing download fails fast
     needs_pairs = cfg.lambda_reg > 0 or cfg.stage == "pairs"   # DMD2's runs (--lambda-reg 0) need none
     pairs = get_pairs(cfg, teacher, out) if needs_pairs else None   # in fp32: they do not depend on --precision
     if cfg.stage == "pairs":
