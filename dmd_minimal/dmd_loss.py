@@ -68,12 +68,14 @@ def fake_score_loss(fake_score, x, levels, class_labels=None):
 def regression_loss(x, y, lpips=None, resolution=224):
     """Regression of G(z_pair) onto the teacher's ODE output y (Eq. 9): LPIPS for images, else MSE.
 
-    LPIPS sees both images, in [-1, 1], upsampled bilinearly to resolution x resolution (DMD §3.3: 224).
+    LPIPS sees both images, in [-1, 1], upsampled bilinearly to resolution x resolution (DMD §3.3: 224);
+    VGG takes RGB, so a gray channel is repeated three times.
     """
     if lpips is None:
         return F.mse_loss(x.float(), y.float())
     size = (resolution, resolution)
     x, y = (F.interpolate(t.float(), size=size, mode="bilinear", align_corners=False) for t in (x, y))
+    x, y = (t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t for t in (x, y))   # [B, 3, size, size]
     return lpips(x, y).mean()
 
 

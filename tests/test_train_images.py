@@ -121,6 +121,15 @@ def test_regression_loss_upsamples_to_224():
     assert loss > 0
 
 
+def test_lpips_sees_a_gray_channel_three_times():
+    seen = []
+    x, y = torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1
+    regression_loss(x, y, lambda a, b: seen.append((a, b)) or (a - b).abs().mean((1, 2, 3)))
+    a, b = seen[0]
+    assert a.shape == b.shape == (2, 3, 224, 224)
+    assert torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 0], a[:, 2]) and torch.equal(b[:, 1], b[:, 2])
+
+
 def test_lpips_regression_trains_the_generator(random_lpips, teacher_file):
     teacher = load_denoiser(teacher_file).requires_grad_(False)
     generator = OneStepGenerator(trainable_copy(teacher))
