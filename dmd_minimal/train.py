@@ -169,6 +169,8 @@ def resolve(cfg):
     if precision == "fp16" and device.type != "cuda":
         raise DMDError("--precision fp16 needs CUDA (for its GradScaler): use bf16 or fp32 on a CPU")
     name = f"{cfg.dataset}-{cfg.toy}" if cfg.dataset == "toy2d" else cfg.dataset + "-uncond" * cfg.unconditional
+    if cfg.dataset == "folder":   # runs/folder-<the data's name>
+        name = f"folder-{Path(cfg.data_dir).stem}"
     return dataclasses.replace(cfg, out=cfg.out or f"runs/{name}", device=str(device), precision=precision,
                                regression_loss=regression)
 
