@@ -40,7 +40,7 @@ def atomic_write(path, write):
 
 
 def digest(obj):
-    """sha256 (hex) of a nested dict / list / tuple: its keys, plain values and every tensor's dtype, shape and bytes."""
+    """sha256 (hex) of nested dicts / lists / tuples: keys, plain values and every tensor's dtype, shape and bytes."""
     h = hashlib.sha256()
 
     def walk(x):

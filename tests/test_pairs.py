@@ -43,7 +43,7 @@ def interrupting(teacher, limit=float("inf")):
 
 
 def flip_bit(path, entry=None):
-    """Flip one bit in the middle of a tensor's bytes inside a torch.save archive: the largest data/ entry, or `entry`."""
+    """Flip one bit in the middle of a tensor's bytes in a torch.save archive (the largest data/ entry, or `entry`)."""
     with zipfile.ZipFile(path) as archive:
         entries = [info for info in archive.infolist() if "/data/" in info.filename and info.file_size > 0]
         info = max(entries, key=lambda i: i.file_size) if entry is None else archive.getinfo(entry)
