@@ -130,13 +130,13 @@ def make_pairs(teacher, folder, manifest, batch_size=256, rank=0, world_size=1):
 
 
 def load_shard(path, start, size, shape):
-    """Shard y [size, *shape], checked against its checksum once, then mapped from disk (pages read as needed)."""
-    shard = load_file(path, "pairs shard", required=("y", "start"), fix="delete it and rerun: it will be made again")
+    """Shard y [size, *shape], mapped from disk and checked against its checksum."""
+    shard = load_file(path, "pairs shard", required=("y", "start"), fix="delete it and rerun: it will be made again",
+                      mmap=True)
     if shard["start"] != start or tuple(shard["y"].shape) != (size, *shape):
         raise DMDError(f"pairs shard {path} is corrupt: it should hold pairs {start}.. of shape {(size, *shape)}; "
                        f"delete it and rerun to make it again")
-    del shard   # checked; the mapped copy below holds no memory of its own
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["y"]
+    return shard["y"]
 
 
 class Rows:

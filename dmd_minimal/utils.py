@@ -67,17 +67,18 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(dict(obj, checksum=digest(obj)), f))
 
 
-def load_file(path, kind, required=(), fix=""):
+def load_file(path, kind, required=(), fix="", mmap=False):
     """torch.load a dict we wrote (weights_only), with one-line errors for missing, corrupt or damaged files.
 
     A file whose contents no longer match its checksum (a flipped bit on disk) is refused; `fix` ends the
-    message of a corrupt or damaged file with the way to recover.
+    message of a corrupt or damaged file with the way to recover. mmap: map the tensors from the file
+    instead of reading them into memory (their pages stay in the page cache, shared between processes).
     """
     path, fix = os.fspath(path), f"; {fix}" if fix else ""
     if not os.path.isfile(path):
         raise DMDError(f"{kind} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason(e)}){fix}") from None
     missing = [key for key in required if not isinstance(obj, dict) or key not in obj]
