@@ -140,16 +140,17 @@ def load_shard(path, start, size, shape):
 
 
 class Rows:
-    """rows[index] (an index tensor, a list or a slice) made on demand by fetch(indices [B]): never all in memory."""
+    """rows[index] (an index tensor, a list or a slice) of a [N, ...] array made on demand by fetch(indices [B]),
+    never all in memory."""
 
-    def __init__(self, count, fetch):
-        self.count, self.fetch = count, fetch
+    def __init__(self, shape, fetch):
+        self.shape, self.fetch = tuple(shape), fetch
 
     def __len__(self):
-        return self.count
+        return self.shape[0]
 
     def __getitem__(self, index):
-        return self.fetch(torch.arange(self.count)[index])
+        return self.fetch(torch.arange(len(self))[index])
 
 
 def load_pairs(folder, shape=None):
@@ -172,8 +173,9 @@ def load_pairs(folder, shape=None):
                        f"rerun the pairs command (or train) with the same settings to finish them")
     ys = [load_shard(path, k * shard_size, min(count, (k + 1) * shard_size) - k * shard_size, stored_shape)
           for k, path in enumerate(paths)]
-    y = Rows(count, lambda i: torch.stack([ys[j // shard_size][j % shard_size] for j in i.tolist()]))   # [B, *shape]
-    z = Rows(count, lambda i: per_index_noise(i, stored_shape, manifest["seed"]))                       # [B, *shape]
+    every = (count, *stored_shape)
+    y = Rows(every, lambda i: torch.stack([ys[j // shard_size][j % shard_size] for j in i.tolist()]))   # [B, *shape]
+    z = Rows(every, lambda i: per_index_noise(i, stored_shape, manifest["seed"]))                       # [B, *shape]
     labels = torch.arange(count) % manifest["label_dim"] if manifest["label_dim"] else None
     return dict(z=z, y=y, labels=labels, manifest=manifest)
 

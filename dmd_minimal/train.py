@@ -202,16 +202,17 @@ def train(cfg):
     needs_pairs = cfg.lambda_reg > 0 or cfg.stage == "pairs"   # DMD2's runs (--lambda-reg 0) need none
     if needs_pairs:   # pairs of another teacher: redo them and the checkpoints trained on them
         check_manifest(out / "pairs", manifest, redo_advice(out, "pairs", "pairs"))
-    found = checkpoint_to_resume(cfg, out, provenance) if cfg.stage == "dmd" else None   # checked before any work
+    resumed = checkpoint_to_resume(cfg, out, provenance) if cfg.stage == "dmd" else None   # checked before any work
     pairs = get_pairs(teacher, out, manifest) if needs_pairs else None   # in fp32: they do not depend on --precision
     if cfg.stage == "pairs":
         return pairs
     nets, training = build_dmd(cfg, teacher, lpips)
     state = dict(step=0, history=[], pending={}, skipped=dict(generator=0, fake_score=0))
-    if found:
-        state = resume(found[1], cfg, nets, training)
+    if resumed:
+        path, saved = resumed
+        state = resume(saved, cfg, nets, training)
         if dist.rank() == 0:
-            print(f"resuming {found[0]} at step {state['step']}")
+            print(f"resuming {path} at step {state['step']}")
     state["provenance"] = provenance   # saved in every checkpoint
     run_dmd(cfg, nets, training, pairs, state, out)
     generator = nets["generator_ema"] or dist.unwrap(nets["generator"])
