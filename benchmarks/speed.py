@@ -33,7 +33,8 @@ import warnings
 
 import torch
 
-from dmd_minimal.config import LABEL_DIMS, PRESETS, TEACHER_NETWORKS, make_config
+from dmd_minimal.config import PRESETS, TEACHER_NETWORKS, make_config
+from dmd_minimal.data import DATA_SPECS
 from dmd_minimal.denoiser import append_dims
 from dmd_minimal.dmd_loss import draw_sigmas, fake_score_loss, lpips_vgg, regression_loss, sigma_levels
 from dmd_minimal.generator import OneStepGenerator
@@ -45,7 +46,8 @@ from dmd_minimal.utils import DMDError
 NETWORKS = {   # --network: (the config preset it trains under, its network)
     "cifar10": ("cifar10", dict(IMAGE_NETWORKS["cifar10"], dropout=0.0)),           # DDPM++, 56M parameters
     "imagenet64": ("imagenet64", dict(IMAGE_NETWORKS["imagenet64"], dropout=0.0)),  # ADM, 296M parameters
-    "tiny": ("shapes", dict(TEACHER_NETWORKS["shapes"], img_resolution=PRESETS["shapes"]["resolution"])),
+    "tiny": ("shapes", dict(TEACHER_NETWORKS["shapes"], img_resolution=PRESETS["shapes"]["resolution"],
+                            in_channels=3, out_channels=3)),
 }
 TRAIN_BATCH = {"cifar10": 56, "imagenet64": 48, "tiny": 8}   # per GPU in the paper: 392 and 336 on 7 GPUs
 VGG16_FILE = "vgg16-397923af.pth"   # what torchvision's VGG16, and so LPIPS, loads from torch.hub's cache
@@ -255,7 +257,7 @@ def main(argv=None):
         if device.type == "cuda":   # as train.py: TF32 for what runs in fp32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(0)
-        teacher = build_denoiser(sigma_data=0.5, label_dim=LABEL_DIMS[preset], **network)
+        teacher = build_denoiser(sigma_data=0.5, label_dim=DATA_SPECS[preset][2], **network)
         teacher = teacher.to(device).requires_grad_(False).eval()
         teacher.amp_dtype = AMP_DTYPES[cfg.precision]   # the copies below inherit it, as in train.py
         generator = OneStepGenerator(teacher, cfg.sigma_max)   # for sampling speed, the teacher's weights do

@@ -1,36 +1,55 @@
-"""Checkpoints of a DMD run: written atomically, the last few kept, and restored exactly.
+"""Checkpoints of a DMD run: written atomically with a checksum, the last few kept, and restored exactly.
 
-A checkpoint holds the config (asdict), the step, the log so far, every network as a plain dict
+A checkpoint holds the config (asdict), the step, the log so far, what the run distils (its provenance:
+the teacher's hash and the pairs' sampler, pairs.PROVENANCE_KEYS), every network as a plain dict
 (networks.denoiser_to_dict: no pickled code) and the optimizers, learning-rate schedules and fp16
-scalers, so `train` continues a run exactly where it stopped. Only process 0 writes them.
+scalers, so `train` continues a run exactly where it stopped. Only process 0 writes them, as
+OUT/checkpoint-STEP.pt and a separate copy OUT/checkpoint.pt: damage to one leaves the other intact.
 """
 import dataclasses
 import json
-import os
+import shutil
 from pathlib import Path
 
 from . import dist
 from .config import Config
 from .networks import denoiser_to_dict
+from .pairs import PROVENANCE_KEYS, describe
 from .utils import DMDError, atomic_save, atomic_write, load_file
 
-# Fields that may change when a DMD run is resumed: they do not change what is computed.
+# Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
+# path may change; its identity is checked through the provenance).
 RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "teacher", "resume", "data_dir", "download",
                     "dmd_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                     "grid_size", "num_eval")
+MADE_FROM = ("teacher.pt", "pairs", "checkpoint*.pt")   # what OUT holds, each made from the ones before it
 
 
-def check_same(saved, cfg, fields, what, path):
-    """One-line error if a saved stage was made with other settings than cfg."""
+def redo_advice(out, first, what):
+    """'use another --out, or delete OUT/pairs and OUT/checkpoint*.pt to redo the pairs': `first` and what
+    OUT made from it, so that nothing made from the old one is reused."""
+    out = Path(out)
+    found = [str(out / name) for name in MADE_FROM[MADE_FROM.index(first):] if any(out.glob(name))]
+    found = found or [str(out / first)]
+    files = f"{', '.join(found[:-1])} and {found[-1]}" if len(found) > 1 else found[0]
+    return f"use another --out, or delete {files} to redo the {what}"
+
+
+def check_same(saved, cfg, fields, path, fix):
+    """One-line error, ending in `fix`, if a saved stage was made with other settings than cfg."""
     current = dataclasses.asdict(cfg)
     for name in fields:
         if name in saved and saved[name] != current[name]:
-            raise DMDError(f"{path} was made with {name}={saved[name]!r}, not {current[name]!r}: "
-                           f"use another --out, or delete {path} to redo the {what}")
+            raise DMDError(f"{path} was made with {name}={saved[name]!r}, not {current[name]!r}: {fix}")
+
+
+def numbered_checkpoints(folder):
+    """The checkpoint-STEP.pt files in folder, newest first."""
+    return sorted(Path(folder).glob("checkpoint-*.pt"), reverse=True)
 
 
 def save_checkpoint(out, cfg, nets, training, state):
-    """OUT/checkpoint-STEP.pt, written atomically, then OUT/checkpoint.pt pointed at it; the last few are kept."""
+    """OUT/checkpoint-STEP.pt, then a copy of it as OUT/checkpoint.pt, both atomic; the last few are kept."""
     nets = {name: dist.unwrap(net) for name, net in nets.items() if net is not None and name != "lpips"}
     path = out / f"checkpoint-{state['step']:07d}.pt"
     atomic_save(dict(
@@ -38,23 +57,53 @@ def save_checkpoint(out, cfg, nets, training, state):
         **{name: denoiser_to_dict(getattr(net, "denoiser", net)) for name, net in nets.items()},
         **{part: {k: v.state_dict() for k, v in training[part].items() if v is not None}
            for part in ("optimizers", "schedules", "scalers")}), path)
-    latest, link = out / "checkpoint.pt", out / ".checkpoint.pt.link"
-    link.unlink(missing_ok=True)
-    os.link(path, link)               # the same file under a second name: no copy, and
-    os.replace(link, latest)          # an atomic switch of checkpoint.pt to the new step
-    for old in sorted(out.glob("checkpoint-*.pt"))[:-max(cfg.keep_checkpoints, 1)]:
+    with open(path, "rb") as saved:   # a copy, not a second name (a hard link): damage to one spares the other
+        atomic_write(out / "checkpoint.pt", lambda f: shutil.copyfileobj(saved, f, 1 << 24))
+    for old in numbered_checkpoints(out)[max(cfg.keep_checkpoints, 1):]:
         old.unlink()
 
 
+def recovery(path, flag="--resume"):
+    """What to do when the checkpoint at path is damaged: take a numbered checkpoint beside it (with `flag`)."""
+    path = Path(path)
+    others = [p for p in numbered_checkpoints(path.parent) if p.name != path.name]
+    if not others:
+        return f"no other checkpoint is left beside it: delete {path.parent}/checkpoint*.pt to start the DMD run again"
+    older = f" (or an older one: {', '.join(p.name for p in others[1:])})" if others[1:] else ""
+    return f"use the numbered checkpoint beside it instead: {flag} {others[0]}{older}"
+
+
 def load_checkpoint(path):
-    return load_file(path, "checkpoint", required=("config", "step", "generator", "fake_score", "teacher"))
+    return load_file(path, "checkpoint", required=("config", "step", "provenance", "generator", "fake_score",
+                                                   "teacher"), fix=recovery(path))
 
 
-def resume(path, cfg, nets, training):
-    """Restore everything save_checkpoint stored, after checking it belongs to this run."""
+def checkpoint_to_resume(cfg, out, provenance):
+    """(path, saved) of the checkpoint this run continues (--resume, else OUT/checkpoint.pt), or None to start.
+
+    Refuses a checkpoint made from another teacher or sampler (provenance) or with other settings.
+    """
+    if not cfg.resume and not (out / "checkpoint.pt").exists():
+        numbered = numbered_checkpoints(out)
+        if numbered:   # checkpoint.pt deleted by hand: never start afresh beside an older run's checkpoints
+            raise DMDError(f"{out} holds {numbered[0].name} but no checkpoint.pt: continue it with --resume "
+                           f"{numbered[0]}, or delete {out}/checkpoint*.pt to start the DMD run again")
+        return None
+    path = Path(cfg.resume) if cfg.resume else out / "checkpoint.pt"
     saved = load_checkpoint(path)
+    fix = (f"resume a checkpoint of this run, or leave out --resume to go on in {out}" if cfg.resume
+           else redo_advice(out, "checkpoint*.pt", "DMD run"))
+    differ = [key for key in PROVENANCE_KEYS if saved["provenance"].get(key) != provenance[key]]
+    if differ:
+        raise DMDError(f"{path} was made from {describe(saved['provenance'], differ)}, "
+                       f"not {describe(provenance, differ)}: {fix}")
     fields = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_FIELDS]
-    check_same(saved["config"], cfg, fields, "DMD run", path)
+    check_same(saved["config"], cfg, fields, path, fix)
+    return path, saved
+
+
+def resume(saved, cfg, nets, training):
+    """Restore everything save_checkpoint stored (in `saved`, which checkpoint_to_resume found and checked)."""
     dist.unwrap(nets["generator"]).denoiser.load_state_dict(saved["generator"]["state_dict"])
     dist.unwrap(nets["fake_score"]).load_state_dict(saved["fake_score"]["state_dict"])
     if nets["generator_ema"] is not None:

@@ -76,7 +76,7 @@ class Config:
     # logging and evaluation
     log_every: int = 100               # steps between lines of OUT/log.jsonl (and loss-curve points)
     checkpoint_every: int = 500        # steps between checkpoints
-    keep_checkpoints: int = 2          # checkpoint-STEP.pt files kept (checkpoint.pt is always the latest)
+    keep_checkpoints: int = 2          # checkpoint-STEP.pt files kept (checkpoint.pt: a copy of the latest)
     sample_every: int = 1000           # steps between image grids OUT/grids/STEP.png, from fixed noise
     grid_size: int = 64                # images in a grid (0: no grids)
     num_eval: int = 10000              # toy2d: samples drawn for metrics.json and samples.npz

@@ -16,10 +16,10 @@ import torch
 from .classifier import classifier_scores, format_scores, get_classifier, reference_statistics
 from .data import CLASSIFIER_DATASETS, Subset, load_dataset
 from .evaluate import EDM_REFS, InceptionV3, evaluate, load_ref
-from .networks import sample_shape
+from .networks import denoiser_hash, sample_shape
 from .plots import training_curves
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, cache_dir, per_index_noise, tensor_hash
+from .utils import DMDError, atomic_write, cache_dir, per_index_noise
 
 TEACHER_STEPS = 18                                 # the teacher's ODE line: Heun 18 steps (35 NFE)
 
@@ -95,7 +95,7 @@ class Monitor:
     def score_teacher(self, teacher):
         """{'heun18': scores, 'euler1': scores} of the teacher from the same noise, cached in OUT."""
         path = self.out / "teacher_scores.json"
-        key = dict(teacher=tensor_hash(teacher), scorer=self.scorer.name, num=len(self.z), **self.ode)
+        key = dict(teacher=denoiser_hash(teacher), scorer=self.scorer.name, num=len(self.z), **self.ode)
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("key") == key:

@@ -7,7 +7,7 @@ from .adm import DhariwalUNet
 from .denoiser import Denoiser
 from .mlp import MLP
 from .songunet import SongUNet
-from .utils import DMDError
+from .utils import DMDError, digest
 
 ARCHS = {"mlp": MLP, "songunet": SongUNet, "dhariwalunet": DhariwalUNet}   # raw backbones F, by the name the config uses
 
@@ -64,6 +64,11 @@ def denoiser_to_dict(denoiser):
     arch_kwargs = {k: v for k, v in denoiser.backbone.config.items() if k != "label_dim"}
     return dict(arch=arch, arch_kwargs=arch_kwargs, sigma_data=denoiser.sigma_data,
                 label_dim=denoiser.label_dim, state_dict=denoiser.state_dict())
+
+
+def denoiser_hash(denoiser):
+    """The identity of a denoiser: 12 hex digits of the sha256 of denoiser_to_dict (architecture and weights)."""
+    return digest(denoiser_to_dict(denoiser))[:12]
 
 
 def denoiser_from_dict(stored):

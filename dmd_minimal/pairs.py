@@ -6,8 +6,12 @@
 Pair i uses noise seeded by (seed, i) and class label i % num_classes (balanced classes), so it is the
 same whatever the batch size, the number of processes or an interruption. The generator later regresses
 G(z) onto y (Eq. 9). The paper makes 100k (CIFAR-10 cond) / 500k (uncond) pairs with 18 Heun steps and
-25k (ImageNet-64) with 256 steps. Pairs live in a folder of shards, each written atomically: an
-interrupted run keeps its finished shards and a rerun makes only the missing ones.
+25k (ImageNet-64) with 256 steps. Pairs live in a folder of shards, each written atomically with a
+checksum: an interrupted run keeps its finished shards and a rerun makes only the missing ones. The
+shards hold y alone: z and the label follow from i and are made again when a batch needs them, and y is
+mapped from disk, so processes share the page cache instead of each holding every pair. The manifest
+records the teacher (networks.denoiser_hash) and the sampler's settings: pairs of another teacher are
+never reused.
 """
 import argparse
 import json
@@ -19,28 +23,50 @@ import torch
 from tqdm import tqdm
 
 from .load import load_denoiser
-from .networks import sample_shape
+from .networks import denoiser_hash, sample_shape
 from .sampler import sample_ode
 from .utils import DMDError, atomic_save, atomic_write, hide_progress, load_file, per_index_noise, reason
 
 MANIFEST = "manifest.json"
-MANIFEST_KEYS = ("count", "shape", "seed", "num_steps", "label_dim", "shard_size")
+SAMPLER_KEYS = ("num_steps", "solver", "sigma_min", "sigma_max", "rho")   # sample_ode's settings
+PROVENANCE_KEYS = ("teacher", *SAMPLER_KEYS)   # what made the pairs; teacher_path only names the teacher
+MANIFEST_KEYS = ("count", "shape", "seed", "label_dim", "shard_size", *PROVENANCE_KEYS, "teacher_path")
 
 
 def shard_name(k):
     return f"shard-{k:05d}.pt"
 
 
+def heun_sampler(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """The settings of the ODE that makes the pairs: deterministic Heun (DMD §3.3) on EDM's Karras schedule."""
+    return dict(num_steps=num_steps, solver="heun", sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+
+
+def pairs_manifest(teacher, count, seed, sampler, shard_size=1000, teacher_path=""):
+    """What a pairs folder holds: `count` pairs from the teacher (its hash; teacher_path for messages) and sampler."""
+    return dict(count=count, shape=list(sample_shape(teacher)), seed=seed, label_dim=teacher.label_dim,
+                shard_size=shard_size, teacher=denoiser_hash(teacher), teacher_path=teacher_path, **sampler)
+
+
+def describe(values, keys):
+    """'teacher 1a2b3c4d5e6f (runs/x/teacher.pt), num_steps=18': the values of keys, for a one-line error."""
+    return ", ".join(f"teacher {values.get('teacher')} ({values.get('teacher_path') or 'path unknown'})"
+                     if key == "teacher" else f"{key}={values.get(key)}" for key in keys)
+
+
 @torch.no_grad()
-def generate_pairs(teacher, indices, shape, seed, num_steps, batch_size=256, progress=None):
-    """z, y [N, *shape] and labels [N] (None if unconditional) for the pair indices given, on the CPU."""
+def generate_pairs(teacher, indices, shape, seed, num_steps, batch_size=256, progress=None, **schedule):
+    """z, y [N, *shape] and labels [N] (None if unconditional) for the pair indices given, on the CPU.
+
+    schedule: sample_ode's solver, sigma_min, sigma_max and rho (default: Heun on EDM's schedule).
+    """
     device = next(teacher.parameters(), torch.empty(0)).device
     zs, ys, labels = [], [], []
     for start in range(0, len(indices), batch_size):
         batch = torch.as_tensor(indices[start:start + batch_size])
         z = per_index_noise(batch, shape, seed, device)                                   # [B, *shape]
         label = batch.to(device) % teacher.label_dim if teacher.label_dim else None      # [B]
-        y = sample_ode(teacher, z, num_steps, label)                                     # [B, *shape]
+        y = sample_ode(teacher, z, num_steps, label, **schedule)                         # [B, *shape]
         zs.append(z.cpu())
         ys.append(y.cpu())
         labels.append(None if label is None else label.cpu())
@@ -62,31 +88,34 @@ def read_manifest(folder):
     except (OSError, ValueError, TypeError) as e:
         problem = reason(e)
     if problem:
-        raise DMDError(f"pairs manifest {path} is corrupt ({problem}): delete the folder and make the pairs again")
+        raise DMDError(f"pairs manifest {path} is corrupt or from an older version ({problem}): "
+                       f"delete {folder} and make the pairs again")
     return manifest
 
 
-def check_manifest(folder, manifest):
-    """Write the manifest of a new pairs folder, or check that an existing one asks for the same pairs."""
+def check_manifest(folder, manifest, fix=""):
+    """Write the manifest of a new pairs folder, or check that an existing one holds the same pairs.
+
+    fix: the advice of the error (default: another --out, or delete the folder).
+    """
     found = read_manifest(folder)
     if found is None:
         atomic_write(os.path.join(folder, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         return
-    differ = [key for key in manifest if found.get(key) != manifest[key]]
+    differ = [key for key in manifest if key != "teacher_path" and found.get(key) != manifest[key]]
     if differ:
-        held = ", ".join(f"{key}={found.get(key)}" for key in differ)
-        wanted = ", ".join(f"{key}={manifest[key]}" for key in differ)
-        raise DMDError(f"pairs folder {folder} holds pairs with {held}, not {wanted}: use another folder or delete it")
+        fix = fix or f"use another --out, or delete {folder} to make them again"
+        raise DMDError(f"pairs folder {folder} holds pairs with {describe(found, differ)}, "
+                       f"not {describe(manifest, differ)}: {fix}")
 
 
-def make_pairs(teacher, folder, count, shape, seed, num_steps, batch_size=256, shard_size=1000,
-               rank=0, world_size=1):
-    """Make the missing shards of pairs 0..count-1 in `folder`; shard k is made by rank k % world_size."""
+def make_pairs(teacher, folder, manifest, batch_size=256, rank=0, world_size=1):
+    """Make the missing shards of the pairs that manifest (pairs_manifest) asks for; shard k by rank k % world_size."""
+    count, shard_size = manifest["count"], manifest["shard_size"]
     if count < 1 or shard_size < 1 or batch_size < 1:
         raise DMDError(f"pairs need count, shard_size and batch_size >= 1, not {count}, {shard_size}, {batch_size}")
-    manifest = dict(count=count, shape=list(shape), seed=seed, num_steps=num_steps,
-                    label_dim=teacher.label_dim, shard_size=shard_size)
     check_manifest(folder, manifest)
+    sampler = {key: manifest[key] for key in SAMPLER_KEYS}
     num_shards = math.ceil(count / shard_size)
     todo = [k for k in range(rank, num_shards, world_size)
             if not os.path.isfile(os.path.join(folder, shard_name(k)))]
@@ -95,23 +124,40 @@ def make_pairs(teacher, folder, count, shape, seed, num_steps, batch_size=256, s
               mininterval=1.0) as progress:
         for k in todo:
             indices = range(k * shard_size, min(count, (k + 1) * shard_size))
-            shard = generate_pairs(teacher, indices, shape, seed, num_steps, batch_size, progress)
-            atomic_save(dict(shard, start=indices.start), os.path.join(folder, shard_name(k)))
+            shard = generate_pairs(teacher, indices, tuple(manifest["shape"]), manifest["seed"],
+                                   batch_size=batch_size, progress=progress, **sampler)
+            atomic_save(dict(y=shard["y"], start=indices.start), os.path.join(folder, shard_name(k)))
 
 
-def load_shard(path, start, size, shape, label_dim):
-    shard = load_file(path, "pairs shard", required=("z", "y", "labels", "start"))
-    expected = (size, *shape)
-    labels_ok = shard["labels"] is None if label_dim == 0 else tuple(shard["labels"].shape) == (size,)
-    if (shard["start"] != start or tuple(shard["z"].shape) != expected or tuple(shard["y"].shape) != expected
-            or not labels_ok):
-        raise DMDError(f"pairs shard {path} is corrupt: it should hold pairs {start}.. of shape {expected}; "
+def load_shard(path, start, size, shape):
+    """Shard y [size, *shape], mapped from disk and checked against its checksum."""
+    shard = load_file(path, "pairs shard", required=("y", "start"), fix="delete it and rerun: it will be made again",
+                      mmap=True)
+    if shard["start"] != start or tuple(shard["y"].shape) != (size, *shape):
+        raise DMDError(f"pairs shard {path} is corrupt: it should hold pairs {start}.. of shape {(size, *shape)}; "
                        f"delete it and rerun to make it again")
-    return shard
+    return shard["y"]
+
+
+class Rows:
+    """rows[index] (an index tensor, a list or a slice) of a [N, ...] array made on demand by fetch(indices [B]),
+    never all in memory."""
+
+    def __init__(self, shape, fetch):
+        self.shape, self.fetch = tuple(shape), fetch
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return self.fetch(torch.arange(len(self))[index])
 
 
 def load_pairs(folder, shape=None):
-    """All pairs of a finished folder: dict(z, y [N, *shape], labels [N] or None, seed, num_steps), on the CPU."""
+    """The pairs of a finished folder: dict(z, y [N, *shape] as Rows, labels [N] or None, manifest), on the CPU.
+
+    pairs["y"][i] gathers rows of the mapped shards, pairs["z"][i] makes the noise again from (seed, i).
+    """
     folder = os.fspath(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -125,12 +171,13 @@ def load_pairs(folder, shape=None):
     if done < len(paths):
         raise DMDError(f"pairs incomplete: {done} of {len(paths)} shards in {folder}; "
                        f"rerun the pairs command (or train) with the same settings to finish them")
-    shards = [load_shard(path, k * shard_size, min(count, (k + 1) * shard_size) - k * shard_size,
-                         stored_shape, manifest["label_dim"])
-              for k, path in enumerate(paths)]
-    labels = None if manifest["label_dim"] == 0 else torch.cat([shard["labels"] for shard in shards])
-    return dict(z=torch.cat([shard["z"] for shard in shards]), y=torch.cat([shard["y"] for shard in shards]),
-                labels=labels, seed=manifest["seed"], num_steps=manifest["num_steps"])
+    ys = [load_shard(path, k * shard_size, min(count, (k + 1) * shard_size) - k * shard_size, stored_shape)
+          for k, path in enumerate(paths)]
+    every = (count, *stored_shape)
+    y = Rows(every, lambda i: torch.stack([ys[j // shard_size][j % shard_size] for j in i.tolist()]))   # [B, *shape]
+    z = Rows(every, lambda i: per_index_noise(i, stored_shape, manifest["seed"]))                       # [B, *shape]
+    labels = torch.arange(count) % manifest["label_dim"] if manifest["label_dim"] else None
+    return dict(z=z, y=y, labels=labels, manifest=manifest)
 
 
 def main(argv=None):
@@ -142,14 +189,18 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=256, help="pairs per teacher call (default 256)")
     parser.add_argument("--shard-size", type=int, default=1000, help="pairs per shard file (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (default 0.002)")
+    parser.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level (default 80)")
+    parser.add_argument("--rho", type=float, default=7.0, help="Karras schedule curvature (default 7)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     args = parser.parse_args(argv)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # set by torchrun
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
         teacher = load_denoiser(args.teacher).to(device)
-        make_pairs(teacher, args.out, args.num, sample_shape(teacher), args.seed, args.steps,
-                   args.batch_size, args.shard_size, rank, world_size)
+        manifest = pairs_manifest(teacher, args.num, args.seed, heun_sampler(args.steps, args.sigma_min,
+                                  args.sigma_max, args.rho), args.shard_size, args.teacher)
+        make_pairs(teacher, args.out, manifest, args.batch_size, rank, world_size)
         print(f"rank {rank}: pairs 0..{args.num - 1} of {world_size} process(es) are in {args.out}")
     except DMDError as e:
         sys.exit(f"error: {e}")

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import dist
+from .checkpoint import recovery
 from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
@@ -31,7 +32,7 @@ from .utils import DMDError, atomic_write, hide_progress, load_file, per_index_n
 
 def load_generator(path):
     """The one-step generator stored in a DMD checkpoint, and the checkpoint's config."""
-    saved = load_file(path, "checkpoint", required=("config", "generator"))
+    saved = load_file(path, "checkpoint", required=("config", "generator"), fix=recovery(path, "--checkpoint"))
     generator = OneStepGenerator(denoiser_from_dict(saved["generator"]), saved["config"]["sigma_max"])
     return generator.eval(), saved["config"]
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import check_same
+from .checkpoint import check_same, redo_advice
 from .config import TEACHER_NETWORKS
 from .data import DATA_SPECS, infinite_loader, load_dataset
 from .denoiser import edm_loss
@@ -185,7 +185,8 @@ def get_teacher(cfg, out):
     elif dist.rank() == 0:
         print(f"reusing the teacher in {path}")
     dist.barrier()   # the others wait for process 0's teacher
-    saved = load_file(path, "teacher", required=("config", "denoiser"))
+    fix = redo_advice(out, "teacher.pt", "teacher")   # and what was made from it: no pairs of another teacher
+    saved = load_file(path, "teacher", required=("config", "denoiser"), fix=fix)
     check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]),
-               TEACHER_FIELDS, "teacher", path)
+               TEACHER_FIELDS, path, fix)
     return denoiser_from_dict(saved["denoiser"])

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import resume, save_checkpoint
+from .checkpoint import checkpoint_to_resume, redo_advice, resume, save_checkpoint
 from .config import CHOICES, parse_config
 from .data import CLASS_NAMES, batch_indices
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
@@ -34,7 +34,7 @@ from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fa
 from .generator import OneStepGenerator
 from .networks import sample_shape
 from .monitor import Monitor
-from .pairs import load_pairs, make_pairs
+from .pairs import PROVENANCE_KEYS, check_manifest, heun_sampler, load_pairs, make_pairs, pairs_manifest
 from .report import grid_noise, report_toy, write_grids, write_samples
 from .teacher import ema_update, get_teacher
 from .toy2d import SAMPLERS
@@ -46,17 +46,19 @@ DEFAULTED = ("precision", "regression_loss")   # "" picks the machine's or the d
 
 # ---- the regression pairs ----------------------------------------------------------------------
 
-def get_pairs(cfg, teacher, out):
-    """The regression pairs in OUT/pairs, made now (shards split across processes) where missing."""
+def get_pairs(teacher, out, manifest):
+    """The regression pairs in OUT/pairs (pairs.load_pairs), made now where missing (shards split across processes)."""
     folder = out / "pairs"
-    make_pairs(teacher, folder, cfg.num_pairs, sample_shape(teacher), cfg.seed, cfg.pair_steps,
-               rank=dist.rank(), world_size=dist.world_size())
+    make_pairs(teacher, folder, manifest, rank=dist.rank(), world_size=dist.world_size())
     dist.barrier()   # every shard is written before anyone reads them
-    return load_pairs(folder, sample_shape(teacher))
+    return load_pairs(folder, manifest["shape"])
 
 
 def pair_batches(pairs, batch_size, seed, start_step):
-    """Endless regression batches dict(z, y, labels): this process's share of one fixed order (data.py)."""
+    """Endless regression batches dict(z, y, labels): this process's share of one fixed order (data.py).
+
+    pairs: tensors, or load_pairs' rows, which gather y from the mapped shards and make z from its seed.
+    """
     for i in batch_indices(len(pairs["z"]), batch_size, seed, start_step, dist.rank(), dist.world_size()):
         yield dict(z=pairs["z"][i], y=pairs["y"][i], labels=None if pairs["labels"] is None else pairs["labels"][i])
 
@@ -194,20 +196,27 @@ def train(cfg):
     teacher = get_teacher(cfg, out).to(device).requires_grad_(False).eval()
     if cfg.stage == "teacher":
         return teacher
+    cfg = dataclasses.replace(cfg, sigma_data=teacher.sigma_data)
     use_lpips = cfg.stage == "dmd" and cfg.lambda_reg > 0 and cfg.regression_loss == "lpips"
     lpips = lpips_vgg(device, cfg.lpips_pooling) if use_lpips else None   # before the pairs: a missing download fails fast
+    manifest = pairs_manifest(teacher, cfg.num_pairs, cfg.seed, heun_sampler(cfg.pair_steps, cfg.sigma_min,
+                              cfg.sigma_max, cfg.rho), teacher_path=cfg.teacher or str(out / "teacher.pt"))
+    provenance = {key: manifest[key] for key in (*PROVENANCE_KEYS, "teacher_path")}   # what the run distils
     needs_pairs = cfg.lambda_reg > 0 or cfg.stage == "pairs"   # DMD2's runs (--lambda-reg 0) need none
-    pairs = get_pairs(cfg, teacher, out) if needs_pairs else None   # in fp32: they do not depend on --precision
+    if needs_pairs:   # pairs of another teacher: redo them and the checkpoints trained on them
+        check_manifest(out / "pairs", manifest, redo_advice(out, "pairs", "pairs"))
+    resumed = checkpoint_to_resume(cfg, out, provenance) if cfg.stage == "dmd" else None   # checked before any work
+    pairs = get_pairs(teacher, out, manifest) if needs_pairs else None   # in fp32: they do not depend on --precision
     if cfg.stage == "pairs":
         return pairs
-    cfg = dataclasses.replace(cfg, sigma_data=teacher.sigma_data)
     nets, training = build_dmd(cfg, teacher, lpips)
     state = dict(step=0, history=[], pending={}, skipped=dict(generator=0, fake_score=0))
-    path = Path(cfg.resume) if cfg.resume else out / "checkpoint.pt"
-    if cfg.resume or path.exists():
-        state = resume(path, cfg, nets, training)
+    if resumed:
+        path, saved = resumed
+        state = resume(saved, cfg, nets, training)
         if dist.rank() == 0:
             print(f"resuming {path} at step {state['step']}")
+    state["provenance"] = provenance   # saved in every checkpoint
     run_dmd(cfg, nets, training, pairs, state, out)
     generator = nets["generator_ema"] or dist.unwrap(nets["generator"])
     if dist.rank() == 0 and cfg.dataset == "toy2d":

@@ -1,4 +1,4 @@
-"""Small shared helpers: user-facing errors, progress bars, atomic files, per-index noise, RNG state."""
+"""Small shared helpers: user-facing errors, progress bars, atomic checksummed files, per-index noise, RNG state."""
 import hashlib
 import os
 import tempfile
@@ -37,23 +37,55 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def digest(obj):
+    """sha256 (hex) of nested dicts / lists / tuples: keys, plain values and every tensor's dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for key, value in x.items():
+                h.update(repr(key).encode())
+                walk(value)
+        elif isinstance(x, (list, tuple)):
+            h.update(type(x).__name__.encode())
+            for value in x:
+                walk(value)
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(repr(x).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
 def atomic_save(obj, path):
-    """torch.save, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save a dict atomically, with the digest of its contents under "checksum" (load_file checks it)."""
+    atomic_write(path, lambda f: torch.save(dict(obj, checksum=digest(obj)), f))
 
 
-def load_file(path, kind, required=()):
-    """torch.load a dict we wrote (weights_only), with one-line errors for missing or corrupt files."""
-    path = os.fspath(path)
+def load_file(path, kind, required=(), fix="", mmap=False):
+    """torch.load a dict we wrote (weights_only), with one-line errors for missing, corrupt or damaged files.
+
+    A file whose contents no longer match its checksum (a flipped bit on disk) is refused; `fix` ends the
+    message of a corrupt or damaged file with the way to recover. mmap: map the tensors from the file
+    instead of reading them into memory (their pages stay in the page cache, shared between processes).
+    """
+    path, fix = os.fspath(path), f"; {fix}" if fix else ""
     if not os.path.isfile(path):
         raise DMDError(f"{kind} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:   # a damaged archive fails in many ways (fuzzed: also IndexError, KeyError, TypeError)
-        raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason(e)})") from None
+        raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason(e)}){fix}") from None
     missing = [key for key in required if not isinstance(obj, dict) or key not in obj]
     if missing:
         raise DMDError(f"{kind} {path} is not a dmd_minimal {kind}: it lacks {', '.join(missing)}")
+    if isinstance(obj, dict) and "checksum" in obj:
+        checksum = obj.pop("checksum")
+        if digest(obj) != checksum:
+            raise DMDError(f"{kind} {path} is damaged: its contents do not match the checksum saved with them{fix}")
     return obj
 
 
@@ -95,11 +127,3 @@ def cache_dir():
     $DMD_CACHE, else ~/.cache/dmd_minimal."""
     return os.environ.get("DMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd_minimal")
 
-
-def tensor_hash(module):
-    """A short sha256 of a module's parameters and buffers (names, shapes, dtypes, values)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
