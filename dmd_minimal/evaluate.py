@@ -15,6 +15,7 @@ reproduces) and the 2048-d pool_3 features, so that its statistics and EDM's ref
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -38,8 +39,10 @@ EDM_REFS = {   # EDM's reference statistics of the training sets (EDM's README, 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)): the Fréchet distance of two Gaussians."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():   # a singular product (fewer samples than dimensions): nudge it
+    with warnings.catch_warnings(record=True) as singular:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if singular or not np.isfinite(covmean).all():   # a singular product (e.g. fewer samples than dimensions): nudge it
         offset = 1e-6 * np.eye(len(sigma1))
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     covmean = covmean.real                # its imaginary part is rounding noise

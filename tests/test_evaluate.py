@@ -86,12 +86,19 @@ def test_samples_from_npz_and_png_folders_and_bad_files(tmp_path):
         PIL.Image.fromarray(image).save(tmp_path / "pngs" / f"{i:06d}.png")
     assert np.array_equal(load_images(tmp_path / "samples.npz"), images)
     assert np.array_equal(load_images(tmp_path / "pngs"), images)
+    gray = images[..., :1]                                                       # [5, 8, 8, 1]
+    np.savez(tmp_path / "gray.npz", gray)
+    (tmp_path / "gray").mkdir()
+    for i, image in enumerate(gray):
+        PIL.Image.fromarray(image[:, :, 0]).save(tmp_path / "gray" / f"{i:06d}.png")
+    assert np.array_equal(load_images(tmp_path / "gray.npz"), gray)
+    assert np.array_equal(load_images(tmp_path / "gray"), gray)
 
     np.savez(tmp_path / "float.npz", images.astype(np.float32))
     np.savez(tmp_path / "named.npz", x=images)
     (tmp_path / "empty").mkdir()
     (tmp_path / "pngs" / "000009.png").write_bytes(b"not a png")
-    for path, message in [("float.npz", r"arr_0 is float32 \[5, 8, 8, 3\], not uint8 \[N, H, W, 3\]"),
+    for path, message in [("float.npz", r"arr_0 is float32 \[5, 8, 8, 3\], not uint8 \[N, H, W, C\], C = 1 or 3"),
                           ("named.npz", "has no arr_0"), ("empty", "holds no .png files"),
                           ("missing.npz", "neither an .npz file nor a folder of PNGs"),
                           ("pngs", r"000009.png is not a readable PNG")]:
