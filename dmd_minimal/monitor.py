@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .classifier import classifier_scores, format_scores, get_classifier, reference_statistics
 from .data import CLASSIFIER_DATASETS, Subset, load_dataset
@@ -113,7 +114,7 @@ class Monitor:
         state["history"].append(record)
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"step {state['step']}: {format_scores(record['eval'])}")
+        tqdm.write(f"step {state['step']}: {format_scores(record['eval'])}")   # above the progress bar
         training_curves(state["history"], self.teacher_scores, self.out / "curves.png")
         return record
 

@@ -54,29 +54,28 @@ def _finish(fig, path):
 
 def training_curves(history, teacher_scores, path):
     """curves.png of a DMD run: losses, gradient norms and FID (with precision and recall where scored)
-    against the step, the teacher's scores from the same noise as horizontal lines."""
-    def series(key, records):
-        points = [(h["step"], h[key]) for h in records if key in h]
-        return zip(*points) if points else ((), ())
+    against the step, the teacher's scores from the same noise as dashed horizontal lines."""
     evals = [dict(step=h["step"], **h["eval"]) for h in history if "eval" in h]
-    panels = [("losses", ("loss_dm", "loss_reg", "loss_fake"), history, True),
-              ("gradient norms (before clipping)", ("grad_norm", "grad_norm_fake"), history, True),
-              (evals[0]["metric"] if evals else "FID", ("fid",), evals, True)]
-    if evals and "recall" in evals[0]:
-        panels.append(("precision and recall (k = 3)", ("precision", "recall"), evals, False))
+    teacher = {f"teacher, {'1 Euler step' if name == 'euler1' else name.replace('heun', 'Heun ') + ' steps'}": scores
+               for name, scores in (teacher_scores or {}).items()}   # {label: scores}
+    panels = [("losses", ("loss_dm", "loss_reg", "loss_fake"), history, {}),
+              ("gradient norms (before clipping)", ("grad_norm", "grad_norm_fake"), history, {}),
+              (evals[0]["metric"] if evals else "FID", ("fid",), evals, teacher)]
+    if evals and "recall" in evals[0]:   # the teacher's ODE only: its one step has no recall to speak of
+        panels.append(("precision and recall (k = 3)", ("precision", "recall"), evals,
+                       {label: scores for label, scores in teacher.items() if "Heun" in label}))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, keys, records, log) in zip(axes[0], panels):
-        for key in keys:
-            steps, values = series(key, records)
-            if steps:
-                ax.plot(steps, values, marker="o" if records is evals else None, ms=3, label=key)
-            for name, scores in (teacher_scores or {}).items():
-                if records is evals and key in scores:
-                    ax.axhline(scores[key], ls="--", lw=1, color="C1" if name == "euler1" else "C2",
-                               label=f"teacher {'1 Euler step' if name == 'euler1' else name.replace('heun', 'Heun ')}"
-                                     + ("" if len(keys) == 1 else f" {key}"))
+    for ax, (title, keys, records, lines) in zip(axes[0], panels):
+        for k, key in enumerate(keys):
+            points = [(h["step"], h[key]) for h in records if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=f"C{k}", marker="o" if records is evals else None, ms=3, label=key)
+            for style, (label, scores) in zip(("--", ":"), lines.items()):
+                if scores.get(key) is not None:
+                    ax.axhline(scores[key], ls=style, lw=1.2, color="C3" if len(keys) == 1 else f"C{k}",
+                               label=label if len(keys) == 1 else f"{label}: {key}")
         ax.set(title=title, xlabel="step")
-        if log and any(ax.get_lines()):
+        if records is history and any(ax.get_lines()):
             ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
