@@ -26,7 +26,7 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, hide_progress, load_file, per_index_noise
+from .utils import DMDError, atomic_write, check_option, hide_progress, load_file, per_index_noise
 
 
 def load_generator(path):
@@ -108,6 +108,9 @@ def main(argv=None):
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
+        for flag, lowest in (("num", 1), ("batch_size", 1), ("teacher_steps", 0), ("seed", 0)):
+            value = getattr(args, flag)
+            check_option(value >= lowest, "--" + flag.replace("_", "-"), value, f">= {lowest}")
         if not args.out.endswith(".npz"):
             raise DMDError(f"--out {args.out} must end in .npz")
         rank, world_size, device = dist.setup(args.device)   # under torchrun: one process per GPU

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import resume, save_checkpoint
-from .config import CHOICES, parse_config
+from .config import CHOICES, parse_config, validate
 from .data import batch_indices
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
@@ -147,20 +147,18 @@ def lr_factor(cfg):
 
 
 def resolve(cfg):
-    """Fill the defaults that depend on the machine, the processes or the dataset, and check the choices."""
+    """Fill the defaults that depend on the machine, the processes or the dataset; check the choices and numbers."""
     for name, choices in CHOICES.items():   # "": the default, filled in below
         if getattr(cfg, name) not in choices and not (getattr(cfg, name) == "" and name in DEFAULTED):
             raise DMDError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(choices)}")
     if cfg.dataset == "toy2d" and cfg.toy not in SAMPLERS:
         raise DMDError(f"unknown toy distribution {cfg.toy!r}; choose one of {sorted(SAMPLERS)}")
+    validate(cfg)
     if not cfg.distribution_matching and cfg.lambda_reg <= 0:
         raise DMDError("nothing to train: --no-distribution-matching needs a regression loss (--lambda-reg > 0)")
     regression = cfg.regression_loss or ("l2" if cfg.dataset == "toy2d" else "lpips")   # DMD.md §6: MSE in 2D
     if cfg.dataset == "toy2d" and regression == "lpips":
         raise DMDError("LPIPS compares images, and toy2d samples are points: use --regression-loss l2")
-    if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
-        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
-                       f"(--batch-size {cfg.batch_size})")
     _, world_size, device = dist.setup(cfg.device)
     if cfg.batch_size % world_size:
         raise DMDError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")

@@ -17,6 +17,12 @@ def reason(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def check_option(ok, flag, value, must):
+    """One-line error for an option out of its range: "--batch-size must be >= 1, not 0"."""
+    if not ok:
+        raise DMDError(f"{flag} must be {must}, not {value}")
+
+
 def hide_progress(rank=0):
     """Whether to hide a tqdm bar: on every process but 0, and everywhere with TQDM_DISABLE=1 in the
     environment (tqdm itself reads that variable only where a call leaves `disable` unset)."""
