@@ -17,7 +17,7 @@ from .utils import DMDError, atomic_save, atomic_write, load_file
 # Fields that may change when a DMD run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "teacher", "resume", "data_dir", "download",
                     "dmd_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                    "grid_size", "num_eval")
+                    "grid_size", "num_eval", "max_skipped_steps")
 
 
 def check_same(saved, cfg, fields, what, path):

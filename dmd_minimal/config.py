@@ -63,6 +63,7 @@ class Config:
     warmup_steps: int = 0              # linear learning-rate warm-up
     cosine_decay: bool = False         # decay both learning rates to 0 with a cosine
     grad_clip: float = 10.0            # max L2 norm of each network's gradient
+    max_skipped_steps: int = 20        # stop after this many updates in a row skipped for a non-finite gradient
     lambda_reg: float = 0.25           # weight of the regression loss (0: no regression)
     distribution_matching: bool = True  # use the distribution-matching loss (--no-distribution-matching: regression only)
     real_score_only: bool = False      # ablation: follow the real score alone, no fake score (Fig. 3)
@@ -145,7 +146,7 @@ CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
 AT_LEAST = {0: ("seed", "resolution", "model_channels", "sigma_data", "weight_decay", "warmup_steps", "lambda_reg",
                 "grid_size", "dm_min_level"),
             1: ("hidden", "depth", "teacher_steps", "teacher_batch", "num_pairs", "pair_steps", "lpips_resolution",
-                "dmd_steps", "batch_size", "fake_steps_per_generator_step", "log_every",
+                "dmd_steps", "batch_size", "fake_steps_per_generator_step", "max_skipped_steps", "log_every",
                 "checkpoint_every", "keep_checkpoints", "sample_every"),
             2: ("num_levels", "num_eval")}   # a grid needs two ends; the energy distance, two samples
 POSITIVE = ("sigma_min", "rho", "teacher_lr", "P_std", "lr", "fake_lr", "grad_clip")

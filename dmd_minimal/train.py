@@ -264,7 +264,7 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         atomic_write(out / "log.jsonl", lambda f: None)   # a fresh run starts a fresh log
         if grids:   # the generator before training is the teacher's one-step prediction
             write_grids(shown, noise, out / "grids" / "0000000.png", nets["teacher"], cfg.pair_steps)
-    interrupted = []
+    interrupted, in_a_row, saved = [], 0, state["step"] or None   # saved: the step of the latest checkpoint
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
                desc="dmd", mininterval=1.0, disable=hide_progress(rank))
@@ -272,22 +272,32 @@ def run_dmd(cfg, nets, training, pairs, state, out):
     try:
         for step in bar:
             torch.manual_seed(index_seed(index_seed(cfg.seed, rank), step))   # this step's randomness
+            skipped_before = sum(state["skipped"].values())
             metrics = dmd_iteration(cfg, nets, training, next(batches) if batches else None, levels, state["skipped"])
             state["step"] = step + 1
+            in_a_row = in_a_row + 1 if sum(state["skipped"].values()) > skipped_before else 0
+            problem = divergence(metrics, nets, in_a_row, cfg.max_skipped_steps)
+            if dist.any_process(problem, device):   # before the checkpoint: it never holds non-finite weights
+                latest = f"{out / 'checkpoint.pt'} (step {saved}) is the last good checkpoint" if saved else \
+                    "no checkpoint was written"
+                raise DMDError(f"training diverged at step {state['step']}: {problem or 'on another process'}; "
+                               f"{latest}; try a lower --lr / --fake-lr or more --warmup-steps in a new --out")
             for k, v in metrics.items():
                 state["pending"][k] = state["pending"].get(k, 0.0) + v / cfg.log_every
             if state["step"] % cfg.log_every == 0:
                 seconds, clock = time.perf_counter() - clock, time.perf_counter()
                 record = log_record(cfg, state, training["schedules"]["generator"].get_last_lr()[0], seconds)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "images"))})
-                if main_process:
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "images"))},
+                                skipped=sum(state["skipped"].values()))   # updates a non-finite gradient cancelled
+                if main_process:   # all of it, atomically: never a half-written line
+                    lines = "".join(json.dumps(r) + "\n" for r in state["history"])
+                    atomic_write(out / "log.jsonl", lambda f: f.write(lines.encode()))
             if grids and state["step"] % cfg.sample_every == 0:
                 write_grids(shown, noise, out / "grids" / f"{state['step']:07d}.png")
             stop = dist.any_process(interrupted, device)
             if main_process and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.dmd_steps or stop):
                 save_checkpoint(out, cfg, nets, training, state)
+                saved = state["step"]
             if stop:
                 raise DMDError(f"interrupted: saved {out / 'checkpoint.pt'} at step {state['step']}; "
                                f"rerun the same command to resume")
@@ -297,6 +307,19 @@ def run_dmd(cfg, nets, training, pairs, state, out):
     if grids:
         write_grids(shown, noise, out / "samples.png")
         print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
+
+
+def divergence(metrics, nets, skipped_in_a_row, max_skipped):
+    """Why the run must stop: a non-finite loss or weight, or too many skipped updates in a row (else None)."""
+    for name, value in metrics.items():
+        if name.startswith("loss") and not math.isfinite(value):
+            return f"{name} is {value}"
+    for name in ("generator", "fake_score"):   # one check per network: a single sync on a GPU
+        if not torch.stack([p.isfinite().all() for p in nets[name].parameters()]).all():
+            return f"the {name}'s weights are not finite"
+    if skipped_in_a_row >= max_skipped:
+        return f"{skipped_in_a_row} updates in a row had a non-finite gradient (--max-skipped-steps)"
+    return None
 
 
 def log_record(cfg, state, lr, seconds):

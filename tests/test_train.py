@@ -137,7 +137,7 @@ BAD_NUMBERS = [   # (main, argv, the error's text after "error: ")
         ("--batch-size", "0", ">= 1"), ("--batch-size", "-64", ">= 1"), ("--dmd-steps", "0", ">= 1"),
         ("--teacher-steps", "0", ">= 1"), ("--checkpoint-every", "0", ">= 1"), ("--log-every", "0", ">= 1"),
         ("--sample-every", "0", ">= 1"), ("--pair-steps", "0", ">= 1"), ("--num-pairs", "0", ">= 1"),
-        ("--keep-checkpoints", "0", ">= 1"), ("--hidden", "0", ">= 1"),
+        ("--keep-checkpoints", "0", ">= 1"), ("--max-skipped-steps", "0", ">= 1"), ("--hidden", "0", ">= 1"),
         ("--fake-steps-per-generator-step", "0", ">= 1"), ("--lpips-resolution", "0", ">= 1"),
         ("--num-eval", "0", ">= 2"), ("--num-levels", "1", ">= 2"), ("--seed", "-1", ">= 0"),
         ("--warmup-steps", "-1", ">= 0"), ("--grid-size", "-1", ">= 0"), ("--lambda-reg", "-0.5", ">= 0"),
