@@ -26,7 +26,7 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, check_option, hide_progress, load_file, per_index_noise
+from .utils import DMDError, atomic_write, check_option, check_writable, hide_progress, load_file, per_index_noise
 
 
 def load_generator(path):
@@ -113,6 +113,9 @@ def main(argv=None):
             check_option(value >= lowest, "--" + flag.replace("_", "-"), value, f">= {lowest}")
         if not args.out.endswith(".npz"):
             raise DMDError(f"--out {args.out} must end in .npz")
+        check_writable(os.path.dirname(os.path.abspath(args.out)))   # before the sampling, not after it
+        if args.png_dir:
+            check_writable(args.png_dir, "--png-dir")
         rank, world_size, device = dist.setup(args.device)   # under torchrun: one process per GPU
         model, denoiser, what = load_model(args.checkpoint, args.teacher_steps)
         denoiser.to(device)

@@ -37,7 +37,7 @@ from .pairs import load_pairs, make_pairs
 from .report import grid_noise, report_toy, write_grids
 from .teacher import ema_update, get_teacher
 from .toy2d import SAMPLERS
-from .utils import DMDError, atomic_write, hide_progress, index_seed
+from .utils import DMDError, atomic_write, check_writable, hide_progress, index_seed
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTED = ("precision", "regression_loss")   # "" picks the machine's or the dataset's default
@@ -182,6 +182,7 @@ def train(cfg):
     """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
     out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
+    check_writable(out)   # now, not after the teacher has trained
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:   # x86 CPUs handle floats below 1e-38 (tiny gradients, Adam's moments) 10-100x slower: count them as 0

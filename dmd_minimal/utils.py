@@ -1,4 +1,5 @@
 """Small shared helpers: user-facing errors, progress bars, atomic files, per-index noise, RNG state."""
+import contextlib
 import os
 import pickle
 import tempfile
@@ -29,19 +30,41 @@ def hide_progress(rank=0):
     return rank > 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
 
 
+@contextlib.contextmanager
+def writing(path):
+    """Turn an OSError while writing path (a full disk, a read-only folder, ...) into a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        raise DMDError(f"cannot write {path} ({reason(e)}); what it held before is intact") from None
+
+
+def check_writable(folder, flag="--out"):
+    """One-line error unless files can be made in folder (created if missing), checked before any work is done.
+
+    It makes a file rather than asking os.access, which says yes to root in a read-only folder.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise DMDError(f"{flag} {folder} is not a folder this process can write into ({reason(e)})") from None
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file in the same folder, then rename: never a half-written file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def atomic_save(obj, path):
