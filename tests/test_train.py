@@ -35,11 +35,16 @@ def run_cli(*args):
 
 
 def test_short_run_improves_the_generator(teacher_path, tmp_path):
+    """From 1-3 modes to nearly all 25. The bounds hold with a margin over 48 runs of this test's settings
+    (4 teacher seeds x 8-16 DMD seeds, 200 steps): the generator covered 22-25 modes with a mode KL of
+    0.065-0.32 (mean 0.17) and an energy distance of 0.015-0.084, 0.08 of its start at most; it started
+    (the teacher's one Euler step) at 1-3 modes, mode KL 2.8-3.1 and energy distance 1.07-1.36."""
     train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=200, **TINY))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     before, after = metrics["teacher_euler1"], metrics["generator"]   # the generator starts as the teacher's 1 step
+    assert before["modes"] <= 5 and before["mode_kl"] > 2
+    assert after["modes"] >= 20 and after["mode_kl"] < 0.5   # uniform over 15 of the 25 modes: log(25/15) = 0.51
     assert after["energy_distance"] < 0.2 * before["energy_distance"]
-    assert after["modes"] >= 20 and after["mode_kl"] < 0.2 < before["mode_kl"]
 
 
 def test_real_score_only_collapses(teacher_path, tmp_path):
