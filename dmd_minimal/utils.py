@@ -1,5 +1,4 @@
 """Small shared helpers: user-facing errors, progress bars, atomic files, per-index noise, RNG state."""
-import contextlib
 import os
 import pickle
 import tempfile
@@ -30,15 +29,6 @@ def hide_progress(rank=0):
     return rank > 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
 
 
-@contextlib.contextmanager
-def writing(path):
-    """Turn an OSError while writing path (a full disk, a read-only folder, ...) into a one-line error."""
-    try:
-        yield
-    except OSError as e:
-        raise DMDError(f"cannot write {path} ({reason(e)}); what it held before is intact") from None
-
-
 def check_writable(folder, flag="--out"):
     """One-line error unless files can be made in folder (created if missing), checked before any work is done.
 
@@ -52,10 +42,13 @@ def check_writable(folder, flag="--out"):
 
 
 def atomic_write(path, write):
-    """Call write(f) on a temporary file in the same folder, then rename: never a half-written file."""
+    """Call write(f) on a temporary file in the same folder, then rename: never a half-written file.
+
+    An OSError (a full disk, a read-only folder, ...) becomes a one-line error, the old file left as it was.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    with writing(path):
+    try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         try:
@@ -65,6 +58,8 @@ def atomic_write(path, write):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    except OSError as e:
+        raise DMDError(f"cannot write {path} ({reason(e)}); what it held before is intact") from None
 
 
 def atomic_save(obj, path):
