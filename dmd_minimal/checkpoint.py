@@ -7,7 +7,6 @@ scalers, so `train` continues a run exactly where it stopped. Only process 0 wri
 OUT/checkpoint-STEP.pt and a separate copy OUT/checkpoint.pt: damage to one leaves the other intact.
 """
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -15,13 +14,14 @@ from . import dist
 from .config import Config
 from .networks import denoiser_to_dict
 from .pairs import PROVENANCE_KEYS, describe
+from .report import write_log
 from .utils import DMDError, atomic_save, atomic_write, load_file
 
 # Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
 # path may change; its identity is checked through the provenance).
 RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "teacher", "resume", "data_dir", "download",
                     "dmd_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
-                    "grid_size", "num_eval")
+                    "grid_size", "num_eval", "max_skipped_steps", "eval_every", "eval_num")
 MADE_FROM = ("teacher.pt", "pairs", "checkpoint*.pt")   # what OUT holds, each made from the ones before it
 
 
@@ -113,7 +113,6 @@ def resume(saved, cfg, nets, training):
             if obj is not None and name in saved.get(part, {}):   # fp16's scalers: only if saved by an fp16 run
                 obj.load_state_dict(saved[part][name])
     if dist.rank() == 0:   # the log holds what the checkpoint holds, not the steps after it
-        lines = "".join(json.dumps(record) + "\n" for record in saved["history"])
-        atomic_write(Path(cfg.out) / "log.jsonl", lambda f: f.write(lines.encode()))
+        write_log(Path(cfg.out), saved["history"])
     return dict(step=saved["step"], history=saved["history"], pending=saved["pending"],
                 skipped=saved.get("skipped", dict(generator=0, fake_score=0)))

@@ -7,10 +7,12 @@ source of each value. Checkpoints store asdict(cfg), so a run can be rebuilt exa
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass
 
 from .networks import IMAGE_NETWORKS
+from .utils import DMDError, check_option
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Config:
     warmup_steps: int = 0              # linear learning-rate warm-up
     cosine_decay: bool = False         # decay both learning rates to 0 with a cosine
     grad_clip: float = 10.0            # max L2 norm of each network's gradient
+    max_skipped_steps: int = 20        # stop after this many updates in a row skipped for a non-finite gradient
     lambda_reg: float = 0.25           # weight of the regression loss (0: no regression)
     distribution_matching: bool = True  # use the distribution-matching loss (--no-distribution-matching: regression only)
     real_score_only: bool = False      # ablation: follow the real score alone, no fake score (Fig. 3)
@@ -167,6 +170,43 @@ TEACHER_NETWORKS["folder"] = dict(TEACHER_NETWORKS["shapes"], channel_mult=[1, 2
 CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
            "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2"),
            "lpips_pooling": ("avg", "max")}
+# The range of each numeric field (validate); every float must also be finite.
+AT_LEAST = {0: ("seed", "resolution", "model_channels", "num_blocks", "teacher_ema_rampup", "sigma_data",
+                "weight_decay", "warmup_steps", "lambda_reg", "grid_size", "dm_min_level", "eval_every"),
+            1: ("hidden", "depth", "teacher_steps", "teacher_batch", "num_pairs", "pair_steps", "lpips_resolution",
+                "dmd_steps", "batch_size", "fake_steps_per_generator_step", "max_skipped_steps", "log_every",
+                "checkpoint_every", "keep_checkpoints", "sample_every"),
+            2: ("num_levels", "num_eval")}   # a grid needs two ends; the energy distance, two samples
+POSITIVE = ("sigma_min", "rho", "teacher_lr", "P_std", "lr", "fake_lr", "grad_clip")
+DECAYS = ("teacher_ema", "ema")   # in [0, 1): 1 would freeze the average at its start
+
+
+def validate(cfg):
+    """A one-line error for the first numeric field out of its range: every flag is checked here, before any work."""
+    def check(name, ok, must):
+        check_option(ok, "--" + name.replace("_", "-"), getattr(cfg, name), must)
+    for f in dataclasses.fields(cfg):
+        if isinstance(getattr(cfg, f.name), float):
+            check(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number")
+    for lowest, names in AT_LEAST.items():
+        for name in names:
+            check(name, getattr(cfg, name) >= lowest, f">= {lowest}")
+    for name in POSITIVE:
+        check(name, getattr(cfg, name) > 0, "> 0")
+    for name in DECAYS:
+        check(name, 0 <= getattr(cfg, name) < 1, "in [0, 1)")
+    check("sigma_max", cfg.sigma_max > cfg.sigma_min, f"> --sigma-min {cfg.sigma_min}")
+    check("channel_mult", re.fullmatch(r"(\d+,)*\d+|", cfg.channel_mult) is not None, "integers like 1,2,2")
+    if cfg.eval_every:   # precision and recall with k = 3 need more than 3 samples
+        check("eval_num", cfg.eval_num >= 4, ">= 4 with --eval-every")
+    check("dm_max_level", cfg.dm_min_level <= cfg.dm_max_level < cfg.num_levels,
+          f"in [--dm-min-level {cfg.dm_min_level}, --num-levels {cfg.num_levels})")
+    if cfg.dataset != "toy2d":   # toy2d measures sigma_data itself and has no images
+        check("resolution", cfg.resolution >= 1, f">= 1 for {cfg.dataset}")
+        check("sigma_data", cfg.sigma_data > 0, f"> 0 for {cfg.dataset}")
+    if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
+        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
+                       f"(--batch-size {cfg.batch_size})")
 
 
 def field_help():

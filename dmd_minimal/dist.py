@@ -15,9 +15,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .utils import DMDError
+
+
+def check_device(name):
+    """One-line error unless name ("" for the default) is the CPU, a CUDA GPU this machine has, or MPS."""
+    try:
+        device = torch.device(name or "cpu")
+    except RuntimeError:
+        raise DMDError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DMDError(f"--device {name}: this machine has {gpus} CUDA GPU(s) that torch can use; try --device cpu")
+    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise DMDError(f"--device {name}: dmd_minimal runs on cpu, cuda or cuda:N (mps where available)")
+
 
 def setup(device=""):
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); returns (rank, world_size, device)."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

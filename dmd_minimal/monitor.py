@@ -19,6 +19,7 @@ from .data import CLASSIFIER_DATASETS, Subset, load_dataset
 from .evaluate import EDM_REFS, InceptionV3, evaluate, load_ref
 from .networks import denoiser_hash, sample_shape
 from .plots import training_curves
+from .report import write_log
 from .sampler import sample_ode
 from .utils import DMDError, atomic_write, cache_dir, per_index_noise
 
@@ -112,8 +113,7 @@ class Monitor:
             return None
         record = dict(step=state["step"], eval=self.score(generator))
         state["history"].append(record)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_log(self.out, state["history"])
         tqdm.write(f"step {state['step']}: {format_scores(record['eval'])}")   # above the progress bar
         training_curves(state["history"], self.teacher_scores, self.out / "curves.png")
         return record

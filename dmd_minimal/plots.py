@@ -47,7 +47,7 @@ def image_grid(images, path, nrow=None):
 def _finish(fig, path):
     if path is None:
         return fig
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return None
 

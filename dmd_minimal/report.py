@@ -23,6 +23,13 @@ def grid_noise(num, shape, label_dim, seed, device):
     return z, labels
 
 
+def write_log(out, history):
+    """OUT/log.jsonl: one JSON line per record of the run's history, rewritten whole and atomically, so a
+    line is never half written and the log holds exactly what a resumed checkpoint holds."""
+    lines = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write(out / "log.jsonl", lambda f: f.write(lines.encode()))
+
+
 @torch.no_grad()
 def write_grids(generator, noise, path, teacher=None, teacher_steps=18):
     """The generator's one-step samples from noise (z, labels) as a PNG grid; the teacher's too, once."""

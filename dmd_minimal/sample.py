@@ -27,24 +27,26 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, hide_progress, load_file, per_index_noise
+from .utils import DMDError, atomic_write, check_option, check_writable, hide_progress, load_file, per_index_noise
 
 
-def load_generator(path):
-    """The one-step generator stored in a DMD checkpoint, and the checkpoint's config."""
+def load_generator(path, ema=True):
+    """(generator, config, which) of a DMD checkpoint: which is "generator_ema" (the network train() returns
+    and the grids show) where the checkpoint has an EMA and ema is true, else "generator" (the raw weights)."""
     saved = load_file(path, "checkpoint", required=("config", "generator"), fix=recovery(path, "--checkpoint"))
-    generator = OneStepGenerator(denoiser_from_dict(saved["generator"]), saved["config"]["sigma_max"])
-    return generator.eval(), saved["config"]
+    which = "generator_ema" if ema and saved.get("generator_ema") is not None else "generator"
+    generator = OneStepGenerator(denoiser_from_dict(saved[which]), saved["config"]["sigma_max"])
+    return generator.eval(), saved["config"], which
 
 
-def load_model(path, teacher_steps=0):
-    """(model(z, labels) -> x, denoiser, description): the generator, or the teacher's Heun ODE."""
+def load_model(path, teacher_steps=0, ema=True):
+    """(model(z, labels) -> x, denoiser, description): the generator (its EMA), or the teacher's Heun ODE."""
     if teacher_steps:
         teacher = load_denoiser(path, which="teacher")
         return (lambda z, labels: sample_ode(teacher, z, teacher_steps, labels)), teacher, \
             f"teacher, Heun {teacher_steps} steps ({2 * teacher_steps - 1} NFE)"
-    generator, _ = load_generator(path)
-    return generator, generator.denoiser, "one-step generator"
+    generator, _, which = load_generator(path, ema)
+    return generator, generator.denoiser, "one-step generator" + " (EMA of its weights)" * (which == "generator_ema")
 
 
 @torch.no_grad()
@@ -109,12 +111,21 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
     parser.add_argument("--device", default="", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample the EMA of the generator's weights where the checkpoint has one, as train() "
+                             "returns it (--no-ema: the raw weights)")
     args = parser.parse_args(argv)
     try:
+        for flag, lowest in (("num", 1), ("batch_size", 1), ("teacher_steps", 0), ("seed", 0)):
+            value = getattr(args, flag)
+            check_option(value >= lowest, "--" + flag.replace("_", "-"), value, f">= {lowest}")
         if not args.out.endswith(".npz"):
             raise DMDError(f"--out {args.out} must end in .npz")
+        check_writable(os.path.dirname(os.path.abspath(args.out)))   # before the sampling, not after it
+        if args.png_dir:
+            check_writable(args.png_dir, "--png-dir")
         rank, world_size, device = dist.setup(args.device)   # under torchrun: one process per GPU
-        model, denoiser, what = load_model(args.checkpoint, args.teacher_steps)
+        model, denoiser, what = load_model(args.checkpoint, args.teacher_steps, args.ema)
         denoiser.to(device)
         shape = sample_shape(denoiser)
         x, labels, indices = sample(model, args.num, shape, denoiser.label_dim, args.seed, args.batch_size,

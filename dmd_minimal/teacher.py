@@ -104,11 +104,8 @@ def teacher_network(cfg, shape):
     network = dict(TEACHER_NETWORKS[cfg.dataset], in_channels=shape[0], out_channels=shape[0], img_resolution=shape[1])
     network["model_channels"] = cfg.model_channels or network["model_channels"]
     network["num_blocks"] = cfg.num_blocks or network["num_blocks"]
-    if cfg.channel_mult:
-        try:
-            network["channel_mult"] = [int(m) for m in cfg.channel_mult.split(",")]
-        except ValueError:
-            raise DMDError(f"--channel-mult {cfg.channel_mult!r} is not a list of integers like 1,2,2") from None
+    if cfg.channel_mult:   # checked by config.validate: integers like 1,2,2
+        network["channel_mult"] = [int(m) for m in cfg.channel_mult.split(",")]
     return network
 
 

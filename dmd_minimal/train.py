@@ -15,7 +15,6 @@ exactly what the uninterrupted run would have.
 """
 import copy
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import checkpoint_to_resume, redo_advice, resume, save_checkpoint
-from .config import CHOICES, parse_config
+from .config import CHOICES, parse_config, validate
 from .data import CLASS_NAMES, batch_indices
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
@@ -35,10 +34,10 @@ from .generator import OneStepGenerator
 from .networks import sample_shape
 from .monitor import Monitor
 from .pairs import PROVENANCE_KEYS, check_manifest, heun_sampler, load_pairs, make_pairs, pairs_manifest
-from .report import grid_noise, report_toy, write_grids, write_samples
+from .report import grid_noise, report_toy, write_grids, write_log, write_samples
 from .teacher import ema_update, get_teacher
 from .toy2d import SAMPLERS
-from .utils import DMDError, atomic_write, hide_progress, index_seed
+from .utils import DMDError, check_writable, hide_progress, index_seed
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTED = ("precision", "regression_loss")   # "" picks the machine's or the dataset's default
@@ -150,20 +149,18 @@ def lr_factor(cfg):
 
 
 def resolve(cfg):
-    """Fill the defaults that depend on the machine, the processes or the dataset, and check the choices."""
+    """Fill the defaults that depend on the machine, the processes or the dataset; check the choices and numbers."""
     for name, choices in CHOICES.items():   # "": the default, filled in below
         if getattr(cfg, name) not in choices and not (getattr(cfg, name) == "" and name in DEFAULTED):
             raise DMDError(f"unknown {name} {getattr(cfg, name)!r}; choose one of {', '.join(choices)}")
     if cfg.dataset == "toy2d" and cfg.toy not in SAMPLERS:
         raise DMDError(f"unknown toy distribution {cfg.toy!r}; choose one of {sorted(SAMPLERS)}")
+    validate(cfg)
     if not cfg.distribution_matching and cfg.lambda_reg <= 0:
         raise DMDError("nothing to train: --no-distribution-matching needs a regression loss (--lambda-reg > 0)")
     regression = cfg.regression_loss or ("l2" if cfg.dataset == "toy2d" else "lpips")   # DMD.md §6: MSE in 2D
     if cfg.dataset == "toy2d" and regression == "lpips":
         raise DMDError("LPIPS compares images, and toy2d samples are points: use --regression-loss l2")
-    if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
-        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
-                       f"(--batch-size {cfg.batch_size})")
     _, world_size, device = dist.setup(cfg.device)
     if cfg.batch_size % world_size:
         raise DMDError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")
@@ -189,6 +186,7 @@ def train(cfg):
     """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
     out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
+    check_writable(out)   # now, not after the teacher has trained
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:   # x86 CPUs handle floats below 1e-38 (tiny gradients, Adam's moments) 10-100x slower: count them as 0
@@ -275,13 +273,13 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         teacher = nets["teacher"]
         noise = grid_noise(cfg.grid_size, sample_shape(teacher), teacher.label_dim, cfg.seed + 1, device)
     if main_process and state["step"] == 0:
-        atomic_write(out / "log.jsonl", lambda f: None)   # a fresh run starts a fresh log
+        write_log(out, [])   # a fresh run starts a fresh log
         if grids:   # the generator before training is the teacher's one-step prediction
             write_grids(shown, noise, out / "grids" / "0000000.png", nets["teacher"], cfg.pair_steps)
     monitor = Monitor(cfg, nets["teacher"], out) if main_process and cfg.eval_every and cfg.dataset != "toy2d" else None
     if monitor and state["step"] == 0:
         monitor(shown, state)
-    interrupted = []
+    interrupted, in_a_row, saved = [], 0, state["step"] or None   # saved: the step of the latest checkpoint
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
                desc="dmd", mininterval=1.0, disable=hide_progress(rank))
@@ -289,17 +287,25 @@ def run_dmd(cfg, nets, training, pairs, state, out):
     try:
         for step in bar:
             torch.manual_seed(index_seed(index_seed(cfg.seed, rank), step))   # this step's randomness
+            skipped_before = sum(state["skipped"].values())
             metrics = dmd_iteration(cfg, nets, training, next(batches) if batches else None, levels, state["skipped"])
             state["step"] = step + 1
+            in_a_row = in_a_row + 1 if sum(state["skipped"].values()) > skipped_before else 0
+            problem = divergence(metrics, nets, in_a_row, cfg.max_skipped_steps)
+            if dist.any_process(problem, device):   # before the checkpoint: it never holds non-finite weights
+                latest = f"{out / 'checkpoint.pt'} (step {saved}) is the last good checkpoint" if saved else \
+                    "no checkpoint was written"
+                raise DMDError(f"training diverged at step {state['step']}: {problem or 'on another process'}; "
+                               f"{latest}; try a lower --lr / --fake-lr or more --warmup-steps in a new --out")
             for k, v in metrics.items():
                 state["pending"][k] = state["pending"].get(k, 0.0) + v / cfg.log_every
             if state["step"] % cfg.log_every == 0:
                 seconds, clock = time.perf_counter() - clock, time.perf_counter()
                 record = log_record(cfg, state, training["schedules"]["generator"].get_last_lr()[0], seconds)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "images"))})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith(("loss", "images"))},
+                                skipped=sum(state["skipped"].values()))   # updates a non-finite gradient cancelled
                 if main_process:
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    write_log(out, state["history"])
             if grids and state["step"] % cfg.sample_every == 0:
                 write_grids(shown, noise, out / "grids" / f"{state['step']:07d}.png")
             if monitor and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.dmd_steps):
@@ -307,6 +313,7 @@ def run_dmd(cfg, nets, training, pairs, state, out):
             stop = dist.any_process(interrupted, device)
             if main_process and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.dmd_steps or stop):
                 save_checkpoint(out, cfg, nets, training, state)
+                saved = state["step"]
             if stop:
                 raise DMDError(f"interrupted: saved {out / 'checkpoint.pt'} at step {state['step']}; "
                                f"rerun the same command to resume")
@@ -317,6 +324,19 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         write_samples(shown, nets["teacher"], out / "samples.png", seed=cfg.seed + 1, class_names=CLASS_NAMES.get(cfg.dataset))
         curves = " curves.png" if monitor and monitor.scorer else ""
         print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png{curves} grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
+
+
+def divergence(metrics, nets, skipped_in_a_row, max_skipped):
+    """Why the run must stop: a non-finite loss or weight, or too many skipped updates in a row (else None)."""
+    for name, value in metrics.items():
+        if name.startswith("loss") and not math.isfinite(value):
+            return f"{name} is {value}"
+    for name in ("generator", "fake_score"):   # one check per network: a single sync on a GPU
+        if not torch.stack([p.isfinite().all() for p in nets[name].parameters()]).all():
+            return f"the {name}'s weights are not finite"
+    if skipped_in_a_row >= max_skipped:
+        return f"{skipped_in_a_row} updates in a row had a non-finite gradient (--max-skipped-steps)"
+    return None
 
 
 def log_record(cfg, state, lr, seconds):

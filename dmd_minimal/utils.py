@@ -16,25 +16,49 @@ def reason(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def check_option(ok, flag, value, must):
+    """One-line error for an option out of its range: "--batch-size must be >= 1, not 0"."""
+    if not ok:
+        raise DMDError(f"{flag} must be {must}, not {value}")
+
+
 def hide_progress(rank=0):
     """Whether to hide a tqdm bar: on every process but 0, and everywhere with TQDM_DISABLE=1 in the
     environment (tqdm itself reads that variable only where a call leaves `disable` unset)."""
     return rank > 0 or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
 
 
+def check_writable(folder, flag="--out"):
+    """One-line error unless files can be made in folder (created if missing), checked before any work is done.
+
+    It makes a file rather than asking os.access, which says yes to root in a read-only folder.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise DMDError(f"{flag} {folder} is not a folder this process can write into ({reason(e)})") from None
+
+
 def atomic_write(path, write):
-    """Call write(f) on a temporary file in the same folder, then rename: never a half-written file."""
+    """Call write(f) on a temporary file in the same folder, then rename: never a half-written file.
+
+    An OSError (a full disk, a read-only folder, ...) becomes a one-line error, the old file left as it was.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        raise DMDError(f"cannot write {path} ({reason(e)}); what it held before is intact") from None
 
 
 def digest(obj):

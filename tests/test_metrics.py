@@ -35,6 +35,13 @@ def test_half_the_modes():
     assert m["modes"] == 4 and abs(m["mode_kl"] - math.log(2)) < 0.01
 
 
+def test_a_mode_is_covered_from_20_percent_of_its_expected_share():
+    centers = mixture_centers("ring8")
+    counts = torch.tensor([1000] * 6 + [300, 80])   # the last two: 38% and 10% of the expected 6380 / 8
+    m = mode_metrics(centers.repeat_interleave(counts, dim=0), centers)
+    assert m["high_quality"] == 1 and m["modes"] == 7
+
+
 def test_energy_distance_separates():
     x, y = torch.randn(3000, 2), torch.randn(3000, 2)
     assert abs(energy_distance(x, y)) < 0.01

@@ -55,6 +55,17 @@ def test_generator_samples_round_trip_as_npz_grid_and_pngs(checkpoint, tmp_path)
     assert grid.shape[2] == 3 and grid.shape[0] > 8
 
 
+def test_the_generators_ema_is_sampled_where_there_is_one_unless_no_ema(checkpoint, tmp_path, capsys):
+    path, nets = checkpoint
+    ema = tiny_unet(seed=3)   # what train() returns and the grids show when --ema is on
+    atomic_save(dict(torch.load(path, weights_only=True), generator_ema=denoiser_to_dict(ema)), path)
+    for flags, net, what in (([], ema, "generator (EMA of its weights)"), (["--no-ema"], nets["generator"], "generator to")):
+        out = tmp_path / f"samples{len(flags)}.npz"
+        main(["--checkpoint", str(path), "--num", "4", "--out", str(out), *flags])
+        np.testing.assert_array_equal(np.load(out)["arr_0"], expected_images(OneStepGenerator(net, 80.0), 4))
+        assert f"samples of the one-step {what}" in capsys.readouterr().out
+
+
 def test_teacher_steps_sample_the_teachers_ode_from_the_same_noise(checkpoint, tmp_path):
     path, nets = checkpoint
     out = tmp_path / "teacher.npz"
