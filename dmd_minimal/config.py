@@ -10,14 +10,13 @@ import inspect
 import re
 from dataclasses import dataclass
 
-from .data import SHAPES
 from .networks import IMAGE_NETWORKS
 
 
 @dataclass
 class Config:
     # run
-    dataset: str = "toy2d"             # toy2d, or images: cifar10, imagenet64, shapes (16x16, procedural, for CPU)
+    dataset: str = "toy2d"             # toy2d, or images: cifar10, imagenet64, fashion-mnist, mnist, folder (your own images in DATA_DIR), shapes (16x16, procedural)
     toy: str = "grid25"                # toy2d data: grid25, ring8, moons, checkerboard, swissroll
     out: str = ""                      # output folder (default runs/<dataset>-<toy>); rerunning resumes it
     stage: str = "dmd"                 # run up to: teacher, pairs or dmd; each stage reuses what OUT holds
@@ -27,11 +26,14 @@ class Config:
     device: str = ""                   # cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)
     precision: str = ""                # fp32, bf16 or fp16 autocast of the networks (default: bf16 on CUDA, else fp32)
     # images (teacher training from scratch; distillation itself needs only the teacher and its pairs)
-    data_dir: str = ""                 # training images of cifar10 / imagenet64 (see data.py for the formats)
-    download: bool = False             # fetch CIFAR-10 into DATA_DIR if missing
+    data_dir: str = ""                 # training images (see data.py for the formats; fashion-mnist: Debian's folder when installed)
+    download: bool = False             # fetch CIFAR-10, MNIST or Fashion-MNIST into DATA_DIR if missing
     resolution: int = 0                # image side (presets: 32, 64, 16); the teacher must match it
     unconditional: bool = False        # ignore the class labels (CIFAR-10: EDM's uncond-vp teacher)
     model_channels: int = 0            # width of an image teacher trained here (0: TEACHER_NETWORKS' width)
+    channel_mult: str = ""             # its depth: width multipliers per resolution, e.g. 1,2,2 (default: TEACHER_NETWORKS')
+    num_blocks: int = 0                # its residual blocks per resolution (0: TEACHER_NETWORKS')
+    xflip: bool = False                # teacher training: flip half the images left-right (EDM's x-flip; not for digits)
     # networks (the teacher's; generator and fake score are copies of it)
     arch: str = "mlp"                  # backbone of a toy2d teacher (image teachers: TEACHER_NETWORKS)
     hidden: int = 128                  # MLP width
@@ -45,6 +47,7 @@ class Config:
     teacher_batch: int = 1024          # batch size
     teacher_lr: float = 2e-3           # Adam learning rate, cosine-decayed to 0
     teacher_ema: float = 0.999         # EMA decay of the weights kept as the teacher
+    teacher_ema_rampup: float = 0.0    # EDM's EMA ramp-up: half-life at most this share of the images seen (EDM 0.05; 0: off)
     P_mean: float = -1.2               # ln(sigma) ~ N(P_mean, P_std^2) (EDM)
     P_std: float = 1.2                 # (see P_mean)
     # regression pairs (DMD §3.3)
@@ -52,6 +55,7 @@ class Config:
     pair_steps: int = 18               # Heun steps of the teacher's ODE for each pair
     regression_loss: str = ""          # lpips (VGG) or l2 (squared error) (default: lpips for images, l2 for toy2d)
     lpips_resolution: int = 224        # LPIPS sees images upsampled bilinearly to this side (DMD: 224)
+    lpips_pooling: str = "avg"         # VGG16's pooling in LPIPS: avg (PIQ's, as DMD used it) or max (the original)
     # DMD
     dmd_steps: int = 2000              # generator updates
     batch_size: int = 1024             # distribution-matching batch of all processes together (regression: as large)
@@ -76,6 +80,8 @@ class Config:
     sample_every: int = 1000           # steps between image grids OUT/grids/STEP.png, from fixed noise
     grid_size: int = 64                # images in a grid (0: no grids)
     num_eval: int = 10000              # toy2d: samples drawn for metrics.json and samples.npz
+    eval_every: int = 0                # images: steps between FID evaluations of the one-step generator (0: off)
+    eval_num: int = 1000               # images: samples per evaluation, from fixed noise and balanced labels
 
 
 PRESETS = {
@@ -120,25 +126,47 @@ PRESETS = {
                    regression_loss="l2",
                    log_every=10, checkpoint_every=100, sample_every=50),
 }
+# fashion-mnist / mnist: 28x28 grayscale, sized for 2 CPU cores. The teacher's network is TEACHER_NETWORKS';
+# EDM's loss, Adam with a cosine decay, and EDM's EMA ramp-up (0.05) over a 0.999 decay at most.
+# Fashion-MNIST's clothes are left-right symmetric, digits are not: x-flip for the first only.
+MNIST_LIKE = dict(resolution=28, sigma_data=0.5,
+                  teacher_steps=2000, teacher_batch=128, teacher_lr=1e-3, teacher_ema=0.999, teacher_ema_rampup=0.05,
+                  num_pairs=5000, dmd_steps=2000, batch_size=32, lr=5e-5, fake_lr=2e-4,
+                  regression_loss="l2",            # LPIPS needs VGG16's ImageNet weights and a 224x224 pass
+                  log_every=20, checkpoint_every=200, sample_every=200, eval_every=200, eval_num=1000)
+PRESETS["fashion-mnist"] = dict(MNIST_LIKE, xflip=True)
+PRESETS["mnist"] = dict(MNIST_LIKE)
+# folder: a user's own images; channels, resolution and classes come from the data. The defaults are
+# the shapes run's small sizes; set the network with --model-channels / --channel-mult / --num-blocks.
+PRESETS["folder"] = dict(PRESETS["shapes"], resolution=0)
 UNCONDITIONAL = {   # what --unconditional changes on top of the preset
     "cifar10": dict(lambda_reg=0.5, num_pairs=500_000),   # DMD Appendix B, EDM's uncond-vp teacher
 }
-LABEL_DIMS = {"cifar10": 10, "imagenet64": 1000, "shapes": len(SHAPES)}   # classes of the image datasets
 
 # The networks of image teachers trained from scratch (--stage teacher). Distilling a released teacher
 # takes its own network instead. EDM's augmentation labels are left out: we train without augmentation.
 TEACHER_NETWORKS = {
     "cifar10": dict(IMAGE_NETWORKS["cifar10"], augment_dim=0),
     "imagenet64": dict(IMAGE_NETWORKS["imagenet64"], augment_dim=0),
-    "shapes": dict(arch="songunet", in_channels=3, out_channels=3,
+    "shapes": dict(arch="songunet",
                    model_channels=16,
                    channel_mult=[1, 2],             # 16x16 and 8x8
                    num_blocks=1,
                    attn_resolutions=[],
                    dropout=0.0),
+    # 28x28 grayscale: 0.31M parameters, ~220 training images/s on 2 CPU cores
+    "fashion-mnist": dict(arch="songunet",
+                          model_channels=16,
+                          channel_mult=[1, 2, 2],   # 28x28, 14x14 and 7x7
+                          num_blocks=1,
+                          attn_resolutions=[],
+                          dropout=0.0),
 }
+TEACHER_NETWORKS["mnist"] = TEACHER_NETWORKS["fashion-mnist"]
+TEACHER_NETWORKS["folder"] = dict(TEACHER_NETWORKS["shapes"], channel_mult=[1, 2, 2])
 CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
-           "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2")}
+           "precision": ("fp32", "bf16", "fp16"), "regression_loss": ("lpips", "l2"),
+           "lpips_pooling": ("avg", "max")}
 
 
 def field_help():

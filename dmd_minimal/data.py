@@ -9,6 +9,10 @@ Formats, all read without running code from the files:
   pickles or .npz, each with `data` uint8 [N, 3*R*R] (channel-major rows) and `labels` 1..1000.
 - any name: an EDM dataset_tool zip or folder (arXiv 2206.00364's code): PNGs plus dataset.json,
   {"labels": [[file, label], ...]} or {"labels": null}.
+- `fashion-mnist`, `mnist`: 28x28 grayscale, 10 classes, through torchvision (mnist.py); a train and a
+  test split.
+- `folder`: a user's own images, an EDM dataset_tool zip or folder: channels (1 or 3), resolution and
+  classes come from the data.
 - `shapes`: procedural coloured shapes, no files: for tutorials and tests on CPU.
 `infinite_loader` yields batches forever in an order fixed by (seed, epoch): a resumed run continues it.
 """
@@ -26,15 +30,26 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .mnist import TORCHVISION_CLASSES, load_mnist_like
 from .utils import DMDError, reason
 
-DATASETS = ("cifar10", "imagenet64", "shapes")
+DATASETS = ("cifar10", "imagenet64", "fashion-mnist", "mnist", "folder", "shapes")
+# (channels, resolution, classes) of the datasets whose name fixes them; a `folder` is read to find out.
+DATA_SPECS = {"cifar10": (3, 32, 10), "imagenet64": (3, 64, 1000), "fashion-mnist": (1, 28, 10),
+              "mnist": (1, 28, 10)}
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 NUM_CLASSES = {"cifar10": 10, "imagenet64": 1000}   # so that a subset still fits the teacher's labels
 BATCH_FILE = re.compile(r"train_data_batch_(\d+)(\.npz)?$")    # downsampled ImageNet's train files
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")                   # dataset_tool writes PNG
 SHAPES = ("disc", "square", "triangle", "ring")                # the class labels of `shapes`
+DATA_SPECS["shapes"] = (3, 16, len(SHAPES))
+# Labelled datasets with a test split: scored in a classifier's features (classifier.py), not Inception's.
+CLASSIFIER_DATASETS = tuple(TORCHVISION_CLASSES)
+CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                                 "bag", "ankle boot"),   # Xiao et al., arXiv 1708.07747, Table 1
+               "mnist": tuple(str(d) for d in range(10)), "shapes": SHAPES}
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")                # PIL modes read as one channel; the rest as RGB
 # What parsing a truncated or foreign file raises (BadZipFile and zlib.error are not OSErrors).
 CORRUPT = (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
            pickle.UnpicklingError, zipfile.BadZipFile, zlib.error)
@@ -164,7 +179,11 @@ def is_image_dataset(path):
 
 
 class ImageFolderZip(torch.utils.data.Dataset):
-    """Images of an EDM dataset zip or folder, decoded lazily; labels from dataset.json (0-based)."""
+    """Images of an EDM dataset zip or folder, decoded lazily; labels from dataset.json (0-based).
+
+    Every image's header is read once here, so mixed sizes or channel counts, and files that are not
+    images, fail now with the file's name rather than in the middle of training.
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -179,6 +198,8 @@ class ImageFolderZip(torch.utils.data.Dataset):
                 raise DMDError(f"{self.path} is not a readable zip file ({reason(e)})") from None
         else:
             raise DMDError(f"dataset {self.path} does not exist")
+        for name in names:
+            self.check_inside(name)
         self.files = sorted(name for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
             raise DMDError(f"{self.path} holds no images (expected dataset_tool output: PNGs, dataset.json)")
@@ -186,10 +207,35 @@ class ImageFolderZip(torch.utils.data.Dataset):
         labels = self.read_labels() if "dataset.json" in names else None
         self.num_classes = 0 if labels is None else int(labels.max()) + 1
         self.labels = np.zeros(len(self.files), np.int64) if labels is None else labels
-        first = self.load(0)   # [C, H, W]
-        if first.shape[1] != first.shape[2]:
-            raise DMDError(f"{self.path}: images are {first.shape[2]}x{first.shape[1]}, not square")
-        self.channels, self.resolution = first.shape[:2]
+        self.channels, self.resolution = self.check_headers()
+
+    def check_inside(self, name):
+        """One-line error for a member whose path leaves the dataset (an absolute path, '..', a link out)."""
+        inside = not (name.startswith("/") or ".." in name.split("/") or re.match(r"^[A-Za-z]:", name))
+        if inside and os.path.isdir(self.path):
+            root = os.path.realpath(self.path)
+            inside = os.path.realpath(os.path.join(root, name)).startswith(root + os.sep)
+        if not inside:
+            raise DMDError(f"{self.path}: member {name} lies outside the dataset; remove it")
+
+    def check_headers(self):
+        """(channels, resolution) shared by every image, from their headers; one-line errors name the file."""
+        sizes = {}   # {(channels, width, height): first file}
+        for name in self.files:
+            try:
+                with PIL.Image.open(io.BytesIO(self.read(name))) as image:
+                    key = (1 if image.mode in GRAY_MODES else 3, *image.size)
+            except CORRUPT + (PIL.UnidentifiedImageError,) as e:
+                raise DMDError(f"{self.path}: {name} is not a readable image ({reason(e)})") from None
+            sizes.setdefault(key, name)
+            if len(sizes) > 1:
+                (c0, w0, h0), first = next(iter(sizes.items()))
+                raise DMDError(f"{self.path}: {name} is {key[1]}x{key[2]} with {key[0]} channel(s), unlike "
+                               f"{first} ({w0}x{h0}, {c0}): a dataset holds one size and channel count")
+        (channels, width, height), first = next(iter(sizes.items()))
+        if width != height:
+            raise DMDError(f"{self.path}: images are {width}x{height} (e.g. {first}), not square")
+        return channels, width
 
     def open_zip(self):
         # One ZipFile per process: a forked DataLoader worker must not share the parent's file offset.
@@ -223,16 +269,17 @@ class ImageFolderZip(torch.utils.data.Dataset):
         if unlabelled:
             raise DMDError(f"{self.path}: {len(unlabelled)} of {len(self.files)} images have no label "
                            f"in dataset.json, e.g. {unlabelled[0]}")
-        values = [labels[name] for name in self.files]
-        if not all(isinstance(v, int) and v >= 0 for v in values):
-            raise DMDError(f"{self.path}: dataset.json labels must be class indices 0, 1, ...")
-        return np.array(values, np.int64)
+        for name in self.files:
+            if not isinstance(labels[name], int) or isinstance(labels[name], bool) or labels[name] < 0:
+                raise DMDError(f"{self.path}: dataset.json gives {name} the label {labels[name]!r}; "
+                               f"labels must be class indices 0, 1, ...")
+        return np.array([labels[name] for name in self.files], np.int64)
 
     def load(self, i):
         """Image i as uint8 [C, H, W]."""
         try:
             with PIL.Image.open(io.BytesIO(self.read(self.files[i]))) as image:
-                image = np.array(image.convert("L" if image.mode == "L" else "RGB"))
+                image = np.array(image.convert("L" if self.channels == 1 else "RGB"))
         except CORRUPT as e:
             raise DMDError(f"{self.path}: image {self.files[i]} is corrupt ({reason(e)})") from None
         image = image[:, :, None] if image.ndim == 2 else image   # [H, W, C]
@@ -247,6 +294,14 @@ class ImageFolderZip(torch.utils.data.Dataset):
             raise DMDError(f"{self.path}: {self.files[i]} is {list(image.shape)} (C, H, W), unlike the "
                            f"first image {[self.channels, self.resolution, self.resolution]}")
         return to_unit_range(image), torch.tensor(self.labels[i])
+
+
+class Subset(torch.utils.data.Subset):
+    """Some of a dataset's items (indices), with its .channels, .resolution and .num_classes."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.channels, self.resolution, self.num_classes = dataset.channels, dataset.resolution, dataset.num_classes
 
 
 # ---- procedural shapes --------------------------------------------------------------------------
@@ -288,22 +343,29 @@ class Shapes(torch.utils.data.Dataset):
 
 # ---- entry points -------------------------------------------------------------------------------
 
-def load_dataset(name, data_dir=None, download=False, resolution=None):
-    """The training images of `name` (DATASETS), with .resolution, .channels and .num_classes.
+def load_dataset(name, data_dir=None, download=False, resolution=None, split="train"):
+    """The images of `name` (DATASETS), with .resolution, .channels and .num_classes.
 
     num_classes is 0 for an unlabelled dataset, whose labels are then all 0. `resolution` is the side
     to check the data against (or to draw `shapes` at, default 16). For cifar10 and imagenet64,
-    data_dir may also be an EDM dataset_tool zip or folder.
+    data_dir may also be an EDM dataset_tool zip or folder. split="test" is the held-out split of
+    fashion-mnist and mnist, for evaluation; the other datasets have the train split only here.
     """
     if name not in DATASETS:
         raise DMDError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split != "train" and name not in TORCHVISION_CLASSES:
+        raise DMDError(f"the {name} dataset has no {split} split here")
     if name == "shapes":
         return Shapes(resolution or 16)
-    if data_dir is None:
+    if name in TORCHVISION_CLASSES:
+        dataset = load_mnist_like(name, data_dir and os.fspath(data_dir), download, split)
+    elif data_dir is None:
         raise DMDError(f"the {name} dataset needs --data-dir")
-    data_dir = os.fspath(data_dir)
-    dataset = load_cifar10(data_dir, download) if name == "cifar10" else load_imagenet64(data_dir)
-    if resolution is not None and dataset.resolution != resolution:
+    elif name == "folder":
+        dataset = ImageFolderZip(data_dir)
+    else:
+        dataset = load_cifar10(os.fspath(data_dir), download) if name == "cifar10" else load_imagenet64(os.fspath(data_dir))
+    if resolution and dataset.resolution != resolution:
         side = dataset.resolution
         raise DMDError(f"{data_dir} holds {side}x{side} images, not {resolution}x{resolution}: "
                        f"resize them first (e.g. EDM's dataset_tool.py --resolution)")

@@ -10,6 +10,7 @@ import os
 import warnings
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoiser import append_dims, denoising_loss
@@ -76,13 +77,19 @@ def regression_loss(x, y, lpips=None, resolution=224):
     return lpips(x, y).mean()
 
 
-def lpips_vgg(device="cpu"):
+def lpips_vgg(device="cpu", pooling="avg"):
     """LPIPS with the VGG16 backbone (Zhang et al. 2018, arXiv 1801.03924), frozen and in eval mode.
 
-    Its linear layers ship inside the lpips package; torchvision downloads VGG16's ImageNet weights
-    into torch.hub's cache on first use, which fails without internet: then a one-line error says
-    where to put the file. It runs in fp32: lpips normalises features with eps 1e-10, zero in fp16.
+    pooling="avg" (as DMD used it): DMD (Appendix B) takes PIQ's LPIPS "following Consistency Models", whose
+    code (github.com/openai/consistency_models, cm/karras_diffusion.py) builds piq.LPIPS(replace_pooling=True):
+    PIQ replaces each of VGG16's 2x2 max poolings by a 2x2 average pooling (piq/perceptual.py,
+    ContentLoss.replace_pooling). "max": the original LPIPS. The linear heads and their weights are the
+    lpips package's, which PIQ's match. torchvision downloads VGG16's ImageNet weights into torch.hub's
+    cache on first use, which fails without internet: then a one-line error says where to put the file.
+    It runs in fp32: lpips normalises features with eps 1e-10, zero in fp16.
     """
+    if pooling not in ("avg", "max"):
+        raise DMDError(f"LPIPS pooling must be avg or max, not {pooling!r}")
     import lpips   # here: importing it (and torchvision's models) takes seconds, and toy runs never need it
     url = "https://download.pytorch.org/models/vgg16-397923af.pth"   # what torchvision's VGG16 fetches
     try:
@@ -93,4 +100,9 @@ def lpips_vgg(device="cpu"):
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {url} into {folder}/, "
                        f"or use --regression-loss l2") from None
+    if pooling == "avg":
+        for stage in net.net.children():   # lpips's VGG16: five nn.Sequential slices, a max pooling opening slices 2-5
+            for name, layer in stage.named_children():
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(stage, name, nn.AvgPool2d(kernel_size=2, stride=2))
     return net.to(device).eval().requires_grad_(False)

@@ -23,6 +23,7 @@ from .utils import DMDError, reason
 
 EDM_ARCHS = {"SongUNet": "songunet", "DhariwalUNet": "dhariwalunet"}   # EDM model_type -> our ARCHS name
 PRECOND_ONLY_KWARGS = ("use_fp16", "sigma_min", "sigma_max")          # EDMPrecond's, not the backbone's
+MAX_DEPTH = 16   # of the module tree; EDM's networks nest 4 deep (EDMPrecond.model.enc[name].conv0)
 
 
 class StoredModule:
@@ -105,18 +106,28 @@ def read_snapshot(path):
         raise DMDError(f"{path} is corrupt or not an EDM network snapshot ({reason(e)})") from None
 
 
-def stored_state_dict(module, prefix=""):
-    """The state_dict of a StoredModule tree: parameters, persistent buffers, then each child's, in order."""
+def stored_state_dict(module, prefix="", seen=None):
+    """The state_dict of a StoredModule tree: parameters, persistent buffers, then each child's, in order.
+
+    Each module is visited once and at most MAX_DEPTH deep, so a damaged or hostile file whose module
+    tree loops back on itself gives an error instead of endless recursion.
+    """
+    seen = set() if seen is None else seen
+    where = prefix.rstrip(".") or "the network"
     if not isinstance(module, StoredModule) or not isinstance(module.state, dict):
-        raise DMDError(f"the network snapshot stores {prefix or 'the network'} in an unexpected form")
-    state = module.state
-    tensors = {prefix + name: t for name, t in (state.get("_parameters") or {}).items() if t is not None}
-    transient = state.get("_non_persistent_buffers_set") or set()
-    tensors.update({prefix + name: t for name, t in (state.get("_buffers") or {}).items()
-                    if t is not None and name not in transient})
-    for name, child in (state.get("_modules") or {}).items():
+        raise DMDError(f"the network snapshot stores {where} in an unexpected form")
+    if id(module) in seen or prefix.count(".") >= MAX_DEPTH:
+        raise DMDError(f"the network snapshot's module tree loops back or nests too deep at {where}")
+    seen.add(id(module))
+    parameters, buffers, children = (module.state.get(key) or {} for key in ("_parameters", "_buffers", "_modules"))
+    transient = module.state.get("_non_persistent_buffers_set") or set()
+    if not all(isinstance(part, dict) for part in (parameters, buffers, children)) or not isinstance(transient, set):
+        raise DMDError(f"the network snapshot stores {where} in an unexpected form")
+    tensors = {f"{prefix}{name}": t for name, t in parameters.items() if t is not None}
+    tensors.update({f"{prefix}{name}": t for name, t in buffers.items() if t is not None and name not in transient})
+    for name, child in children.items():
         if child is not None:
-            tensors.update(stored_state_dict(child, f"{prefix}{name}."))
+            tensors.update(stored_state_dict(child, f"{prefix}{name}.", seen))
     return tensors
 
 
@@ -152,8 +163,8 @@ def denoiser_from_edm_snapshot(path, dropout=0.0):
         if dropout is not None:
             kwargs["dropout"] = dropout
         denoiser = build_denoiser(arch, sigma_data, label_dim, **kwargs)
-    except (KeyError, TypeError, ValueError) as e:
-        raise DMDError(f"{path}: cannot rebuild the network from its stored arguments ({e})") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:   # RuntimeError: e.g. a negative width
+        raise DMDError(f"{path}: cannot rebuild the network from its stored arguments ({reason(e)})") from None
     state_dict = {}
     for name, tensor in stored_state_dict(ema).items():
         if not name.startswith("model."):
@@ -162,6 +173,6 @@ def denoiser_from_edm_snapshot(path, dropout=0.0):
     try:
         denoiser.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        reason = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
-        raise DMDError(f"{path}: its weights do not fit the rebuilt {arch}: {reason}") from None
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
+        raise DMDError(f"{path}: its weights do not fit the rebuilt {arch}: {details}") from None
     return denoiser.eval()

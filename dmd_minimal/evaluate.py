@@ -22,8 +22,8 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
-from .data import CORRUPT, load_dataset
-from .load import cached_download
+from .data import CLASSIFIER_DATASETS, CORRUPT, GRAY_MODES, load_dataset
+from .load import cache_path, cached_download
 from .utils import DMDError, atomic_write, reason
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -85,9 +85,8 @@ class InceptionV3:
         try:
             return cached_download(INCEPTION_URL)
         except DMDError:
-            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
             raise DMDError(f"FID needs the Inception-v3 weights {INCEPTION_URL} and cannot download them: "
-                           f"put that file at {cache} or pass --inception-weights FILE") from None
+                           f"put that file at {cache_path(INCEPTION_URL)} or pass --inception-weights FILE") from None
 
     def __call__(self, images):
         features, logits = self.net(images.to(self.device))
@@ -118,7 +117,8 @@ def feature_statistics(batches, extractor, keep_logits=False):
 # ---- images in, statistics out ------------------------------------------------------------------
 
 def load_images(path):
-    """uint8 images [N, H, W, 3] from an .npz (arr_0: the ADM evaluator's format) or a folder of PNGs."""
+    """uint8 images [N, H, W, C] (C = 3, or 1 for grayscale) from an .npz (arr_0: the ADM evaluator's
+    format) or a folder of PNGs."""
     path = os.fspath(path)
     if os.path.isdir(path):
         names = sorted(name for name in os.listdir(path) if name.lower().endswith(".png"))
@@ -128,7 +128,8 @@ def load_images(path):
         for name in names:
             try:
                 with PIL.Image.open(os.path.join(path, name)) as image:
-                    images.append(np.asarray(image.convert("RGB")))
+                    gray = image.mode in GRAY_MODES
+                    images.append(np.asarray(image.convert("L" if gray else "RGB")).reshape(*image.size[::-1], -1))
             except CORRUPT as e:
                 raise DMDError(f"{os.path.join(path, name)} is not a readable PNG ({reason(e)})") from None
         if len({image.shape for image in images}) > 1:
@@ -138,25 +139,36 @@ def load_images(path):
         with np.load(path, allow_pickle=False) as f:
             images = f["arr_0"]
     except KeyError:
-        raise DMDError(f"{path} has no arr_0: samples go in arr_0 as uint8 [N, H, W, 3]") from None
+        raise DMDError(f"{path} has no arr_0: samples go in arr_0 as uint8 [N, H, W, C]") from None
     except CORRUPT as e:
         raise DMDError(f"{path} is neither an .npz file nor a folder of PNGs ({reason(e)})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise DMDError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, not uint8 [N, H, W, 3]")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise DMDError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, not uint8 [N, H, W, C], C = 1 or 3")
     return images
 
 
+def load_labels(path, num):
+    """The class labels [num] stored beside arr_0 (sample.py writes them), or None."""
+    if os.path.isdir(path):
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        labels = f["labels"] if "labels" in f else None
+    if labels is not None and labels.shape != (num,):
+        raise DMDError(f"{path}: labels are {list(labels.shape)}, not [{num}] like arr_0")
+    return labels
+
+
 def array_batches(images, batch_size):
-    """uint8 [N, H, W, 3] -> uint8 tensors [B, 3, H, W]."""
+    """uint8 [N, H, W, C] -> uint8 tensors [B, 3, H, W] (a gray channel repeated: Inception takes RGB)."""
     for start in tqdm(range(0, len(images), batch_size), desc="samples", mininterval=1.0):
-        yield torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
+        yield torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
 
 
 def dataset_batches(dataset, batch_size):
     """A dataset's images, [-1, 1] floats as data.py gives them, back to uint8 [B, 3, H, W]."""
     loader = torch.utils.data.DataLoader(dataset, batch_size)
     for x, _ in tqdm(loader, desc="reference", mininterval=1.0):
-        yield ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        yield ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
 
 
 def save_ref(path, mu, sigma, extractor_name, num_images):
@@ -208,16 +220,30 @@ def reference(args, extractor):
     return mu, sigma
 
 
+def classifier_evaluation(args, images):
+    """FID in a classifier's features, precision, recall and class accuracy (monitor.ClassifierScorer)."""
+    from .classifier import format_scores   # here: both modules import this one
+    from .monitor import ClassifierScorer
+    scorer = ClassifierScorer(args.dataset, args.data_dir, args.download, args.device)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1      # [N, C, H, W] in [-1, 1]
+    labels = load_labels(args.samples, len(images))
+    result = scorer(x, None if labels is None else torch.from_numpy(labels).long())
+    print(format_scores(result))
+    return result
+
+
 def main(argv=None, extractor=None):
     """The command line; `extractor` replaces Inception (the tests pass a small stand-in network)."""
     parser = argparse.ArgumentParser(prog="python -m dmd_minimal.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", help="samples: .npz with arr_0 uint8 [N, H, W, 3], or a folder of PNGs "
-                                          "(the paper uses 50000)")
+    parser.add_argument("--samples", help="samples: .npz with arr_0 uint8 [N, H, W, C] (and labels [N]), or a "
+                                          "folder of PNGs (the paper uses 50000)")
     parser.add_argument("--ref", help="reference statistics .npz (mu, sigma), a file or URL, e.g. EDM's "
                                       + ", ".join(EDM_REFS.values()))
-    parser.add_argument("--dataset", help="compute the reference from this dataset instead (see data.py)")
+    parser.add_argument("--dataset", help="compute the reference from this dataset instead (see data.py); "
+                                          f"{' and '.join(CLASSIFIER_DATASETS)} are scored in a classifier's features")
     parser.add_argument("--data-dir", help="where --dataset lives")
-    parser.add_argument("--download", action="store_true", help="download --dataset if missing (cifar10)")
+    parser.add_argument("--download", action="store_true", help="download --dataset if missing (cifar10, mnist, "
+                                                                 "fashion-mnist)")
     parser.add_argument("--save-ref", help="cache the --dataset reference in this .npz (reused if present)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per Inception call (default 250)")
     parser.add_argument("--inception-weights", help=f"local copy of {INCEPTION_URL} (default: torch.hub's cache)")
@@ -225,10 +251,12 @@ def main(argv=None, extractor=None):
     args = parser.parse_args(argv)
     try:
         if bool(args.ref) == bool(args.dataset):
-            raise DMDError("give the reference statistics as either --ref FILE or --dataset NAME --data-dir DIR")
+            raise DMDError("give the reference statistics as either --ref FILE or --dataset NAME [--data-dir DIR]")
         if not args.samples and not (args.dataset and args.save_ref):
             raise DMDError("nothing to do: give --samples to evaluate, or --dataset and --save-ref to make a reference")
         images = load_images(args.samples) if args.samples else None      # a bad file fails before the slow part
+        if args.dataset in CLASSIFIER_DATASETS and images is not None and extractor is None:
+            return classifier_evaluation(args, images)
         extractor = extractor or InceptionV3(args.inception_weights, args.device)
         mu_ref, sigma_ref = reference(args, extractor)
         if images is not None:

@@ -4,9 +4,11 @@
   written by convert_edm ({"denoiser": ...}), or a training checkpoint ({"teacher", "generator", "fake_score"}).
 - EDM's network snapshots (.pkl), among them the teachers DMD distils (arXiv 2311.18828, §5 and
   Appendix B), read by edm_pickle without EDM's code and without executing the pickle.
-- an http(s) URL of either, downloaded once into torch.hub's cache.
+- an http(s) URL of either, downloaded once into torch.hub's cache (keyed by the whole URL).
 """
+import hashlib
 import os
+import re
 import urllib.parse
 import zipfile
 
@@ -22,18 +24,35 @@ EDM_TEACHERS = {   # NVIDIA's released EDM networks that DMD distils (EDM's READ
     "imagenet64-cond": "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl",
 }
 CHECKPOINT_NETS = ("teacher", "generator", "fake_score")
+PUBLISHED_HASH = re.compile(r"-([0-9a-f]{8,64})\.")   # a SHA-256 prefix in a file name, as torch.hub's HASH_REGEX
+
+
+def cache_path(url):
+    """Where cached_download keeps `url`: torch.hub's checkpoint cache, under the URL's file name and a
+    hash of the whole URL (edm-tiny.url-<12 hex>.pkl), so two URLs ending in the same name never share a copy."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise DMDError(f"cannot tell a file name from the URL {url}")
+    stem, ext = os.path.splitext(name)
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{stem}.url-{url_hash}{ext}")
 
 
 def cached_download(url):
-    """The local copy of `url` in torch.hub's checkpoint cache, downloaded (atomically) if missing."""
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path))
+    """The local copy of `url` (at cache_path(url)), downloaded (atomically) if missing.
+
+    Where the URL's file name carries the first hex digits of the file's SHA-256 (torch.hub's convention,
+    as in vgg16-397923af.pth), the download is checked against them.
+    """
+    path = cache_path(url)
     if not os.path.isfile(path):
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        published = PUBLISHED_HASH.search(os.path.basename(urllib.parse.urlparse(url).path))
+        hash_prefix = published.group(1) if published else None   # None: the publisher gives no hash
         try:
-            torch.hub.download_url_to_file(url, path)
-        except (OSError, ValueError) as e:   # urllib's errors are OSErrors
-            raise DMDError(f"cannot download {url} ({e})") from None
+            torch.hub.download_url_to_file(url, path, hash_prefix=hash_prefix)
+        except (OSError, ValueError, RuntimeError) as e:   # urllib's errors are OSErrors; a wrong hash a RuntimeError
+            raise DMDError(f"cannot download {url} ({reason(e)})") from None
     return path
 
 
@@ -63,7 +82,11 @@ def load_denoiser(path, which="teacher", dropout=0.0):
         path = cached_download(path)
     if not os.path.isfile(path):
         raise DMDError(f"denoiser file {path} does not exist")
-    if not zipfile.is_zipfile(path):   # torch.save writes zip archives, EDM's snapshots are plain pickles
+    try:
+        is_zip = zipfile.is_zipfile(path)   # torch.save writes zip archives, EDM's snapshots are plain pickles
+    except zipfile.BadZipFile as e:         # a damaged end record raises instead of answering False
+        raise DMDError(f"denoiser file {path} is corrupt ({reason(e)})") from None
+    if not is_zip:
         if which != "teacher":
             raise DMDError(f"{path} is not a training checkpoint of dmd_minimal; which={which!r} needs one")
         return denoiser_from_edm_snapshot(path, dropout)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from .metrics import toy_metrics
-from .plots import image_grid, loss_curves, scatter_panels
+from .networks import sample_shape
+from .plots import image_grid, loss_curves, sample_panels, scatter_panels
 from .sampler import sample_ode
 from .toy2d import sample_toy
 from .utils import atomic_write, per_index_noise
@@ -30,6 +31,21 @@ def write_grids(generator, noise, path, teacher=None, teacher_steps=18):
     teacher_path = path.parent / "teacher.png"
     if teacher is not None and not teacher_path.exists():
         image_grid(sample_ode(teacher, z, teacher_steps, labels), teacher_path)
+
+
+@torch.no_grad()
+def write_samples(generator, teacher, path, steps=18, seed=0, class_names=None, columns=8):
+    """samples.png: one-step samples beside the teacher's Heun samples from the same noise, a row per class
+    (the first 10 classes; rows of unlabelled samples without a teacher's label_dim)."""
+    rows = min(teacher.label_dim, 10) or 4
+    device = next(teacher.parameters()).device
+    z = per_index_noise(range(rows * columns), sample_shape(teacher), seed, device)           # [rows * columns, ...]
+    labels = torch.arange(rows, device=device).repeat_interleave(columns) if teacher.label_dim else None
+    names = [class_names[k] if class_names else f"class {k}" for k in range(rows)] if teacher.label_dim \
+        else [""] * rows
+    sample_panels({"one-step generator (1 NFE)": generator(z, labels),
+                   f"teacher, Heun {steps} steps ({2 * steps - 1} NFE)": sample_ode(teacher, z, steps, labels)},
+                  columns, names, path)
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@
 
 Sample i uses noise seeded by (seed, i) and class label i % num_classes, so the classes are balanced and
 any subset can be regenerated exactly, by the generator or the teacher from the same noise. Images are
-written as an .npz with `arr_0` uint8 [N, H, W, 3] and `labels` [N] (what the ADM / guided-diffusion
-evaluator reads), a grid PNG beside it, and optionally one PNG per sample. Under torchrun every process
+written as an .npz with `arr_0` uint8 [N, H, W, C] and `labels` [N] (what the ADM / guided-diffusion
+evaluator reads; C = 1 for grayscale data), a grid PNG beside it, and optionally one PNG per sample. Under torchrun every process
 draws every world_size-th batch and rank 0 writes the files.
 """
 import argparse
@@ -82,14 +82,16 @@ def gather_on_rank0(x, labels, indices, world_size):
 
 
 def save_images(images, labels, out, png_dir=None):
-    """uint8 images [N, H, W, 3] as out (.npz: arr_0, labels), a grid PNG beside it, and one PNG each in png_dir."""
+    """uint8 images [N, H, W, C] (C = 3, or 1 for grayscale) as out (.npz: arr_0, labels), a grid PNG beside it,
+    and one PNG each in png_dir."""
     arrays = dict(arr_0=images.numpy()) | ({} if labels is None else dict(labels=labels.numpy()))
     atomic_write(out, lambda f: np.savez(f, **arrays))
     grid = torchvision.utils.make_grid(images[:64].permute(0, 3, 1, 2), nrow=8)    # [3, H', W']
     atomic_write(Path(out).with_suffix(".png"), lambda f: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, "png"))
     if png_dir:
         os.makedirs(png_dir, exist_ok=True)
-        for i, image in enumerate(tqdm(images.numpy(), desc="png", mininterval=1.0)):
+        for i, image in enumerate(tqdm(images.numpy(), desc="png", mininterval=1.0)):   # [H, W, C]
+            image = image[:, :, 0] if image.shape[2] == 1 else image                     # PIL: gray is [H, W]
             atomic_write(Path(png_dir) / f"{i:06d}.png", lambda f: Image.fromarray(image).save(f, "png"))
 
 
@@ -120,8 +122,6 @@ def main(argv=None):
         if rank == 0:
             if len(shape) == 1:   # toy2d points
                 atomic_write(args.out, lambda f: np.savez(f, x=x.numpy()))
-            elif shape[0] != 3:
-                raise DMDError(f"the model makes {shape[0]}-channel images; the .npz format holds RGB images only")
             else:
                 save_images(to_uint8(x), labels, args.out, args.png_dir)
             print(f"wrote {args.num} samples of the {what} to {args.out}")

@@ -7,6 +7,7 @@ ones, as in EDM.
 import copy
 import dataclasses
 import math
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,19 +16,20 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import check_same
-from .config import LABEL_DIMS, TEACHER_NETWORKS
-from .data import infinite_loader, load_dataset
+from .config import TEACHER_NETWORKS
+from .data import DATA_SPECS, infinite_loader, load_dataset
 from .denoiser import edm_loss
 from .load import EDM_TEACHERS, load_denoiser
 from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict, sample_shape
 from .toy2d import sample_toy
-from .utils import DMDError, atomic_save, load_file
+from .utils import DMDError, atomic_save, hide_progress, load_file
 
 # Fields that must agree with a saved teacher for it to be reused.
 TEACHER_FIELDS = ("dataset", "toy", "arch", "hidden", "depth", "sigma_data", "teacher_steps", "teacher_batch",
-                  "teacher_lr", "teacher_ema", "P_mean", "P_std", "seed", "resolution", "unconditional",
-                  "model_channels")
-PROCEDURAL = ("toy2d", "shapes")   # data made by code: a missing teacher is trained without asking
+                  "teacher_lr", "teacher_ema", "teacher_ema_rampup", "P_mean", "P_std", "seed", "resolution",
+                  "unconditional", "model_channels", "channel_mult", "num_blocks", "xflip")
+# Data sets small enough to train a teacher on a CPU: a missing teacher is trained without asking.
+TRAINED_HERE = ("toy2d", "shapes", "fashion-mnist", "mnist", "folder")
 
 
 @torch.no_grad()
@@ -37,13 +39,27 @@ def ema_update(ema, net, decay):
         p_ema.lerp_(p, 1 - decay)
 
 
-def train_teacher(denoiser, next_batch, steps, lr, ema_decay=0.999, P_mean=-1.2, P_std=1.2):
-    """Train `denoiser` on batches (x, class_labels) from next_batch(); returns the EMA copy and the loss curve."""
-    ema = copy.deepcopy(denoiser).requires_grad_(False)
+def ema_decay(decay, batch_size, images_seen, rampup=0.0):
+    """The EMA decay of one step (EDM training_loop.py): `decay` is a half-life of batch ln 0.5 / ln decay
+    images; with a ramp-up the half-life is at most rampup * images_seen, so early weights fade fast."""
+    if not rampup:
+        return decay
+    half_life = batch_size * math.log(0.5) / math.log(decay)        # in images
+    half_life = min(half_life, rampup * images_seen)
+    return 0.5 ** (batch_size / max(half_life, 1e-8))
+
+
+def train_teacher(denoiser, next_batch, steps, lr, ema=(0.999, 0.0), P_mean=-1.2, P_std=1.2):
+    """Train `denoiser` on batches (x, class_labels) from next_batch(); returns the EMA copy and the loss curve.
+
+    ema: (decay, ramp-up ratio), see ema_decay.
+    """
+    ema_net = copy.deepcopy(denoiser).requires_grad_(False)
     optimizer = torch.optim.Adam(denoiser.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses = []
-    bar = tqdm(range(steps), desc="teacher", mininterval=1.0)
+    losses, images_seen = [], 0
+    bar = tqdm(range(steps), desc="teacher", mininterval=1.0, disable=hide_progress())
+    clock = time.perf_counter()
     for step in bar:
         x, class_labels = next_batch()
         loss = edm_loss(denoiser, x, class_labels, P_mean, P_std)
@@ -51,18 +67,49 @@ def train_teacher(denoiser, next_batch, steps, lr, ema_decay=0.999, P_mean=-1.2,
         loss.backward()
         optimizer.step()
         schedule.step()
-        ema_update(ema, denoiser, ema_decay)
+        images_seen += len(x)
+        ema_update(ema_net, denoiser, ema_decay(ema[0], len(x), images_seen, ema[1]))
         losses.append(loss.item())
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}")
-    return ema, losses
+        if (step + 1) % 100 == 0:
+            rate, clock = 100 * len(x) / (time.perf_counter() - clock), time.perf_counter()
+            bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}", images_per_s=f"{rate:.0f}")
+    return ema_net, losses
 
 
 def data_spec(cfg):
-    """(shape of a sample, number of classes) of cfg's data: what the teacher must fit."""
+    """(shape of a sample, number of classes) of cfg's data: what the teacher must fit.
+
+    Named image datasets have a fixed spec (data.DATA_SPECS); a `folder` is read to find its own.
+    """
     if cfg.dataset == "toy2d":
         return (2,), 0
-    return (3, cfg.resolution, cfg.resolution), 0 if cfg.unconditional else LABEL_DIMS[cfg.dataset]
+    if cfg.dataset == "folder":
+        dataset = load_dataset("folder", cfg.data_dir or None)
+        channels, resolution, classes = dataset.channels, dataset.resolution, dataset.num_classes
+    else:
+        channels, resolution, classes = DATA_SPECS[cfg.dataset]
+    resolution = cfg.resolution or resolution
+    return (channels, resolution, resolution), 0 if cfg.unconditional else classes
+
+
+def xflip(x):
+    """EDM's x-flip augmentation: each image [C, H, W] of x mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)
+
+
+def teacher_network(cfg, shape):
+    """The backbone keyword arguments of an image teacher trained here: TEACHER_NETWORKS', shaped by the
+    data and by --model-channels / --channel-mult / --num-blocks."""
+    network = dict(TEACHER_NETWORKS[cfg.dataset], in_channels=shape[0], out_channels=shape[0], img_resolution=shape[1])
+    network["model_channels"] = cfg.model_channels or network["model_channels"]
+    network["num_blocks"] = cfg.num_blocks or network["num_blocks"]
+    if cfg.channel_mult:
+        try:
+            network["channel_mult"] = [int(m) for m in cfg.channel_mult.split(",")]
+        except ValueError:
+            raise DMDError(f"--channel-mult {cfg.channel_mult!r} is not a list of integers like 1,2,2") from None
+    return network
 
 
 def data_name(dataset, toy, unconditional=False):
@@ -99,22 +146,22 @@ def train_new_teacher(cfg, path):
         next_batch = lambda: (sample_toy(cfg.toy, cfg.teacher_batch).to(cfg.device), None)  # noqa: E731
     else:
         dataset = load_dataset(cfg.dataset, cfg.data_dir or None, cfg.download, cfg.resolution)
-        if dataset.channels != shape[0]:
-            raise DMDError(f"{cfg.data_dir} holds {dataset.channels}-channel images, not {shape[0]}")
+        if (dataset.channels, dataset.resolution) != shape[:2]:
+            raise DMDError(f"{cfg.data_dir} holds {dataset.resolution}x{dataset.resolution} images with "
+                           f"{dataset.channels} channel(s), not {shape[1]}x{shape[1]} with {shape[0]}")
         if label_dim and not 0 < dataset.num_classes <= label_dim:
             raise DMDError(f"{cfg.data_dir} has {dataset.num_classes} classes, not up to {label_dim}: "
                            f"--unconditional ignores the labels")
-        network = dict(TEACHER_NETWORKS[cfg.dataset], img_resolution=cfg.resolution)
-        network["model_channels"] = cfg.model_channels or network["model_channels"]
-        teacher = build_denoiser(sigma_data=cfg.sigma_data, label_dim=label_dim, **network)
+        teacher = build_denoiser(sigma_data=cfg.sigma_data, label_dim=label_dim, **teacher_network(cfg, shape))
         batches = infinite_loader(dataset, cfg.teacher_batch, cfg.seed)
 
         def next_batch():
             x, labels = next(batches)
-            return x.to(cfg.device), labels.to(cfg.device) if label_dim else None
+            x = xflip(x.to(cfg.device)) if cfg.xflip else x.to(cfg.device)
+            return x, labels.to(cfg.device) if label_dim else None
     teacher.to(cfg.device).amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None   # fp16 needs a GradScaler
-    teacher, losses = train_teacher(teacher, next_batch, cfg.teacher_steps, cfg.teacher_lr, cfg.teacher_ema,
-                                    cfg.P_mean, cfg.P_std)
+    teacher, losses = train_teacher(teacher, next_batch, cfg.teacher_steps, cfg.teacher_lr,
+                                    (cfg.teacher_ema, cfg.teacher_ema_rampup), cfg.P_mean, cfg.P_std)
     saved_cfg = dataclasses.replace(cfg, sigma_data=teacher.sigma_data)
     atomic_save(dict(config=dataclasses.asdict(saved_cfg), denoiser=denoiser_to_dict(teacher), losses=losses), path)
 
@@ -127,7 +174,7 @@ def get_teacher(cfg, out):
         return teacher
     path = out / "teacher.pt"
     if not path.exists():
-        if cfg.dataset not in PROCEDURAL and cfg.stage != "teacher":
+        if cfg.dataset not in TRAINED_HERE and cfg.stage != "teacher":
             url = EDM_TEACHERS.get(f"{cfg.dataset}-{'uncond' if cfg.unconditional else 'cond'}")
             released = f"EDM's released teacher with --teacher {url}" if url else "a teacher with --teacher PATH"
             raise DMDError(f"no teacher for {data_name(cfg.dataset, cfg.toy, cfg.unconditional)} in {out}: "

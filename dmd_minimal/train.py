@@ -28,13 +28,14 @@ from tqdm import tqdm
 from . import dist
 from .checkpoint import resume, save_checkpoint
 from .config import CHOICES, parse_config
-from .data import batch_indices
+from .data import CLASS_NAMES, batch_indices
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
 from .generator import OneStepGenerator
 from .networks import sample_shape
+from .monitor import Monitor
 from .pairs import load_pairs, make_pairs
-from .report import grid_noise, report_toy, write_grids
+from .report import grid_noise, report_toy, write_grids, write_samples
 from .teacher import ema_update, get_teacher
 from .toy2d import SAMPLERS
 from .utils import DMDError, atomic_write, hide_progress, index_seed
@@ -192,7 +193,7 @@ def train(cfg):
     if cfg.stage == "teacher":
         return teacher
     use_lpips = cfg.stage == "dmd" and cfg.lambda_reg > 0 and cfg.regression_loss == "lpips"
-    lpips = lpips_vgg(device) if use_lpips else None   # before the pairs: a missing download fails fast
+    lpips = lpips_vgg(device, cfg.lpips_pooling) if use_lpips else None   # before the pairs: a missing download fails fast
     needs_pairs = cfg.lambda_reg > 0 or cfg.stage == "pairs"   # DMD2's runs (--lambda-reg 0) need none
     pairs = get_pairs(cfg, teacher, out) if needs_pairs else None   # in fp32: they do not depend on --precision
     if cfg.stage == "pairs":
@@ -266,6 +267,9 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         atomic_write(out / "log.jsonl", lambda f: None)   # a fresh run starts a fresh log
         if grids:   # the generator before training is the teacher's one-step prediction
             write_grids(shown, noise, out / "grids" / "0000000.png", nets["teacher"], cfg.pair_steps)
+    monitor = Monitor(cfg, nets["teacher"], out) if main_process and cfg.eval_every and cfg.dataset != "toy2d" else None
+    if monitor and state["step"] == 0:
+        monitor(shown, state)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     bar = tqdm(range(state["step"], cfg.dmd_steps), initial=state["step"], total=cfg.dmd_steps,
@@ -287,6 +291,8 @@ def run_dmd(cfg, nets, training, pairs, state, out):
                         f.write(json.dumps(record) + "\n")
             if grids and state["step"] % cfg.sample_every == 0:
                 write_grids(shown, noise, out / "grids" / f"{state['step']:07d}.png")
+            if monitor and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.dmd_steps):
+                monitor(shown, state)
             stop = dist.any_process(interrupted, device)
             if main_process and (state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.dmd_steps or stop):
                 save_checkpoint(out, cfg, nets, training, state)
@@ -297,8 +303,9 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
     if grids:
-        write_grids(shown, noise, out / "samples.png")
-        print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
+        write_samples(shown, nets["teacher"], out / "samples.png", seed=cfg.seed + 1, class_names=CLASS_NAMES.get(cfg.dataset))
+        curves = " curves.png" if monitor and monitor.scorer else ""
+        print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png{curves} grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
 
 
 def log_record(cfg, state, lr, seconds):

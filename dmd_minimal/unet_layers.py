@@ -107,6 +107,17 @@ class Conv(nn.Module):
 
 # ---- the residual block ----------------------------------------------------------------------------
 
+def attention_weights(q, k):
+    """softmax_j(q_i . k_j / sqrt(c)) [N, HW, HW] from q, k [N, c, HW], in fp32 with autocast off.
+
+    EDM's AttentionOp casts q and k to fp32; inside torch.autocast a cast alone does nothing (einsum
+    runs in bf16 or fp16 again), so autocast is switched off for the logits and the softmax.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        logits = torch.einsum("nci,ncj->nij", q.float(), k.float() / math.sqrt(q.shape[1]))   # [N, HW, HW]
+        return logits.softmax(dim=2)
+
+
 @dataclass(frozen=True)
 class BlockStyle:
     """What every residual block of one network shares (DDPM++ and ADM differ in each row)."""
@@ -156,9 +167,8 @@ class ResidualBlock(nn.Module):
         B, C, H, W = x.shape
         c = C // self.num_heads
         q, k, v = self.qkv(x).reshape(B * self.num_heads, c, 3, H * W).unbind(2)       # each [B heads, c, HW]
-        logits = torch.einsum("nci,ncj->nij", q.float(), k.float() / math.sqrt(c))      # [B heads, HW, HW], fp32
-        weights = logits.softmax(dim=2).to(q.dtype)
-        out = torch.einsum("nij,ncj->nci", weights, v)                                 # [B heads, c, HW]
+        weights = attention_weights(q, k)                                              # [B heads, HW, HW]
+        out = torch.einsum("nij,ncj->nci", weights.to(v.dtype), v)                     # [B heads, c, HW]
         return out.reshape(B, C, H, W)
 
     def forward(self, x, emb):

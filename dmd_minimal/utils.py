@@ -1,8 +1,7 @@
 """Small shared helpers: user-facing errors, progress bars, atomic files, per-index noise, RNG state."""
+import hashlib
 import os
-import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -50,7 +49,7 @@ def load_file(path, kind, required=()):
         raise DMDError(f"{kind} {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:   # a damaged archive fails in many ways (fuzzed: also IndexError, KeyError, TypeError)
         raise DMDError(f"{kind} {path} is corrupt or not a dmd_minimal file ({reason(e)})") from None
     missing = [key for key in required if not isinstance(obj, dict) or key not in obj]
     if missing:
@@ -89,3 +88,18 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cache_dir():
+    """The folder for what the package derives once and reuses (decompressed data, trained classifiers):
+    $DMD_CACHE, else ~/.cache/dmd_minimal."""
+    return os.environ.get("DMD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmd_minimal")
+
+
+def tensor_hash(module):
+    """A short sha256 of a module's parameters and buffers (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

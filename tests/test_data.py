@@ -194,7 +194,7 @@ def corrupt_cases(tmp_path):
     (tmp_path / "rowlen").mkdir()
     write_imagenet(tmp_path / "rowlen" / "train_data_batch_1", np.zeros((2, 100), np.uint8), [1, 2])
     cases["row length"] = ("imagenet64", tmp_path / "rowlen", None, "3\\*R\\*R")
-    cases["unknown name"] = ("mnist", tmp_path, None, "unknown dataset 'mnist'")
+    cases["unknown name"] = ("svhn", tmp_path, None, "unknown dataset 'svhn'")
     return cases
 
 
@@ -214,15 +214,53 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         load_dataset("imagenet64", tmp_path)
 
 
-def test_bad_images_inside_a_zip_fail_when_read(tmp_path):
+def test_bad_images_fail_when_the_dataset_is_opened(tmp_path):
+    """Every header is read up front: the error names the file, before any training starts."""
     images = np.zeros((2, 8, 8, 3), np.uint8)
-    extra = {"00000/img00000002.png": b"\x89PNG truncated", "00000/img00000003.png": png_bytes(np.zeros((4, 4, 3), np.uint8))}
-    write_edm(tmp_path / "ds.zip", images, None, extra=extra)
-    ds = ImageFolderZip(tmp_path / "ds.zip")
-    with pytest.raises(DMDError, match="img00000002.png is corrupt"):
-        ds[2]
-    with pytest.raises(DMDError, match="img00000003.png is \\[3, 4, 4\\]"):
-        ds[3]
+    cases = {"truncated": ({"00000/img00000002.png": b"\x89PNG truncated"}, "img00000002.png is not a readable image"),
+             "size": ({"00000/img00000002.png": png_bytes(np.zeros((4, 4, 3), np.uint8))},
+                      "img00000002.png is 4x4 with 3 channel.*unlike 00000/img00000000.png \\(8x8, 3\\)"),
+             "channels": ({"00000/img00000002.png": png_bytes(np.zeros((8, 8), np.uint8))},
+                          "img00000002.png is 8x8 with 1 channel"),
+             "not an image": ({"00000/notes.png": b"plain text, not a PNG"}, "notes.png is not a readable image"),
+             "outside": ({"../escape.png": png_bytes(images[0])}, "member ../escape.png lies outside")}
+    for case, (extra, message) in cases.items():
+        write_edm(tmp_path / f"{case}.zip", images, None, extra=extra)
+        with pytest.raises(DMDError, match=message) as info:
+            load_dataset("folder", tmp_path / f"{case}.zip")
+        assert "\n" not in str(info.value), case
+
+
+def test_a_link_out_of_a_folder_is_refused(tmp_path):
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    write_edm(tmp_path / "ds", images, None, kind="folder")
+    (tmp_path / "secret.png").write_bytes(png_bytes(images[0]))
+    (tmp_path / "ds" / "00000" / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(DMDError, match="link.png lies outside"):
+        load_dataset("folder", tmp_path / "ds")
+
+
+def test_labels_out_of_range_name_the_file(tmp_path):
+    images = np.zeros((2, 8, 8), np.uint8)
+    for label in (-1, 1.5, True):
+        labels = [[f"00000/img{i:08d}.png", label if i else 0] for i in range(2)]
+        write_edm(tmp_path / "ds.zip", images, None, extra={"dataset.json": json.dumps({"labels": labels}).encode()})
+        with pytest.raises(DMDError, match=f"img00000001.png the label {label!r}"):
+            load_dataset("folder", tmp_path / "ds.zip")
+
+
+@pytest.mark.parametrize("channels, labels", [(1, None), (3, [0, 2, 1, 2])])
+def test_folder_dataset_takes_its_shape_from_the_data(tmp_path, channels, labels):
+    """A user's own images: 1-channel unlabelled, 3-channel with dataset.json labels; nothing assumes RGB."""
+    shape = (4, 12, 12) if channels == 1 else (4, 12, 12, 3)
+    images = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    write_edm(tmp_path / "ds.zip", images, labels)
+    ds = load_dataset("folder", tmp_path / "ds.zip")
+    assert (len(ds), ds.channels, ds.resolution, ds.num_classes) == (4, channels, 12, 0 if labels is None else 3)
+    x, y = ds[3]
+    assert x.shape == (channels, 12, 12) and int(y) == (0 if labels is None else 2)
+    expected = images[3][None] if channels == 1 else images[3].transpose(2, 0, 1)
+    assert torch.equal(x, to_unit_range(expected))
 
 
 def test_shapes_are_deterministic_and_labelled():

@@ -1,4 +1,6 @@
 """EDM preconditioning and loss, checked against their defining identities and a closed form."""
+import math
+
 import pytest
 import torch
 
@@ -15,6 +17,29 @@ class Recorder(torch.nn.Module):
     def forward(self, x, noise_labels, class_labels=None):
         self.x_in, self.noise_labels = x, noise_labels
         return torch.tanh(x) + noise_labels.reshape(-1, *[1] * (x.ndim - 1))
+
+
+class Constant(torch.nn.Module):
+    """A backbone whose output F is `value` everywhere: then D(x; sigma) = c_skip x + c_out value."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, noise_labels, class_labels=None):
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 1.3])
+def test_constant_backbone_exposes_c_skip_and_c_out(sigma_data):
+    sigmas = [0.002, 0.1, 0.5, 1.0, 3.0, 80.0]
+    x = torch.ones(len(sigmas), 3, 2, 2)
+    c_skip = Denoiser(Constant(0.0), sigma_data)(x, torch.tensor(sigmas))[:, 0, 0, 0]       # x = 1, F = 0
+    c_out = Denoiser(Constant(1.0), sigma_data)(0 * x, torch.tensor(sigmas))[:, 0, 0, 0]    # x = 0, F = 1
+    expected_skip = [sigma_data**2 / (s**2 + sigma_data**2) for s in sigmas]                # EDM Table 1
+    expected_out = [s * sigma_data / math.sqrt(s**2 + sigma_data**2) for s in sigmas]
+    torch.testing.assert_close(c_skip, torch.tensor(expected_skip), rtol=1e-6, atol=0)
+    torch.testing.assert_close(c_out, torch.tensor(expected_out), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

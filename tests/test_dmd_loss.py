@@ -1,12 +1,15 @@
 """DMD's losses against closed forms: the gradient they put on x, and convergence with exact scores."""
+import functools
+
 import pytest
 import torch
 
 from dmd_minimal.denoiser import append_dims
 from dmd_minimal.dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss,
-                                  regression_loss, sigma_levels)
+                                  lpips_vgg, regression_loss, sigma_levels)
 from dmd_minimal.gaussian import GaussianDenoiser, GaussianMixtureDenoiser, isotropic_gaussian
 from dmd_minimal.toy2d import exact_denoiser
+from dmd_minimal.utils import DMDError
 
 
 def test_sigma_levels():
@@ -84,3 +87,30 @@ def test_fake_score_loss_of_an_exact_fake_score_is_one():
 def test_regression_loss_is_mse():
     x, y = torch.randn(8, 2), torch.randn(8, 2)
     assert torch.isclose(regression_loss(x, y), ((x - y) ** 2).mean())
+
+
+@pytest.fixture
+def offline_lpips(monkeypatch):
+    """lpips_vgg with the lpips package's linear heads and a random VGG16: nothing to download."""
+    lpips = pytest.importorskip("lpips")
+    monkeypatch.setattr(lpips, "LPIPS", functools.partial(lpips.LPIPS, pnet_rand=True))
+
+    def build(pooling):
+        torch.manual_seed(0)                                    # the same random VGG16 for both poolings
+        return lpips_vgg(pooling=pooling)
+    return build
+
+
+def test_lpips_pools_by_average_by_default_and_by_max_on_request(offline_lpips):
+    avg, max_ = offline_lpips("avg"), offline_lpips("max")
+    pools = {name: [type(m).__name__ for m in net.modules() if "Pool" in type(m).__name__]
+             for name, net in (("avg", avg), ("max", max_))}
+    assert pools == dict(avg=["AvgPool2d"] * 4, max=["MaxPool2d"] * 4)       # VGG16 up to relu5_3
+    assert all(torch.equal(a, b) for a, b in zip(avg.state_dict().values(), max_.state_dict().values()))
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert avg(x, x).abs().max() == 0 and max_(x, x).abs().max() == 0    # LPIPS(x, x) = 0
+        assert (avg(x, y) - max_(x, y)).abs().min() > 1e-3 * max_(x, y).min() > 0
+    assert lpips_vgg.__defaults__ == ("cpu", "avg")
+    with pytest.raises(DMDError, match="pooling must be avg or max"):
+        lpips_vgg(pooling="mean")

@@ -1,16 +1,18 @@
 """EDM's image networks (SongUNet: DDPM++ / NCSN++, DhariwalUNet: ADM): layout, shapes, conditioning, sampling.
 
 Tiny widths everywhere; the full presets (a slow test) are compared with the layout of EDM's released
-networks. Forward parity against EDM's own code is checked outside the repository (EDM's licence keeps
-its code out of it).
+networks. test_edm_reference.py compares the outputs with those of EDM's own code.
 """
 import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from dmd_minimal import unet_layers
 from dmd_minimal.networks import IMAGE_NETWORKS, build_denoiser, denoiser_from_dict, denoiser_to_dict
 from dmd_minimal.sampler import sample_ode
+from dmd_minimal.unet_layers import BlockStyle, ResidualBlock
 
 TINY = {   # arch kwargs of small networks with every option EDM's train.py uses
     "ddpmpp": dict(arch="songunet", model_channels=16, channel_mult=[1, 2], num_blocks=1),
@@ -143,3 +145,36 @@ def test_teacher_ode_sampling_is_finite(name, label_dim, num_steps):
     labels = torch.tensor([3, 7]) if label_dim else None
     x = sample_ode(denoiser, z, num_steps, labels)
     assert x.shape == z.shape and torch.isfinite(x).all()
+
+
+class SoftmaxInputs(TorchFunctionMode):
+    """Records the dtype of every tensor that a softmax receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax):
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_logits_and_softmax_run_in_fp32_under_bf16_autocast(monkeypatch):
+    torch.manual_seed(0)
+    block = ResidualBlock(64, 64, BlockStyle(emb_channels=8), attention=True).eval()
+    with torch.no_grad():   # q and k biases give every row of logits a common offset of about 32, as trained nets do
+        block.qkv.bias[0::3], block.qkv.bias[1::3] = 2.0, 2.0     # qkv's channels are [C, 3]: q, k, v
+    x = torch.randn(2, 64, 8, 8)
+
+    def bf16_logits(q, k):   # the attention before the fix: the .float() casts undone by autocast
+        return torch.einsum("nci,ncj->nij", q.float(), k.float() / math.sqrt(q.shape[1])).softmax(dim=2)
+    with torch.no_grad():
+        exact = block.attention(x)
+        with torch.autocast("cpu", torch.bfloat16), SoftmaxInputs() as softmax:
+            fixed = block.attention(x).float()
+            monkeypatch.setattr(unet_layers, "attention_weights", bf16_logits)
+            before = block.attention(x).float()
+    assert softmax.dtypes == [torch.float32, torch.bfloat16]
+    error, error_before = (fixed - exact).abs().max(), (before - exact).abs().max()
+    assert error < error_before / 3 and error < 0.03 * exact.abs().max()

@@ -11,6 +11,7 @@ import torch.nn as nn
 from dmd_minimal.data import load_dataset
 from dmd_minimal.evaluate import (INCEPTION_URL, InceptionV3, array_batches, feature_statistics, frechet_distance,
                                   inception_score, load_images, load_ref, main)
+from dmd_minimal.load import cache_path
 from dmd_minimal.utils import DMDError
 from test_data import write_cifar
 
@@ -144,7 +145,9 @@ def test_offline_inception_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     np.savez(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
-    cache = os.path.join(tmp_path, "torch", "hub", "checkpoints", os.path.basename(INCEPTION_URL))
+    cache = cache_path(INCEPTION_URL)
+    assert os.path.basename(cache).startswith("weights-inception-2015-12-05-6726825d.url-")
+    assert os.path.dirname(cache) == os.path.join(tmp_path, "torch", "hub", "checkpoints")
     with pytest.raises(SystemExit) as error:
         main(["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz")])
     assert str(error.value) == (f"error: FID needs the Inception-v3 weights {INCEPTION_URL} and cannot download them: "
@@ -157,7 +160,7 @@ def test_offline_inception_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_real_inception_features():
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+    path = cache_path(INCEPTION_URL)
     if not os.path.isfile(path):
         pytest.skip(f"Inception weights not downloaded ({path}): they need internet")
     inception = InceptionV3(path)

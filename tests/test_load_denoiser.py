@@ -4,9 +4,11 @@ The EDM snapshots are built here with a pickler of our own that lays objects out
 torch_utils/persistence.py does (the reconstruct hook with meta = {type, version, module_src, class_name,
 state}); no EDM code is involved, and the loader must never run module_src or any other pickled code.
 """
+import hashlib
 import math
 import os
 import pickle
+import random
 import sys
 import types
 
@@ -17,7 +19,8 @@ import torch.nn as nn
 
 from dmd_minimal import load_denoiser
 from dmd_minimal.convert_edm import main as convert_main
-from dmd_minimal.networks import denoiser_from_dict, denoiser_to_dict
+from dmd_minimal.load import cached_download
+from dmd_minimal.networks import build_denoiser, denoiser_from_dict, denoiser_to_dict
 from dmd_minimal.utils import DMDError, atomic_save
 from test_edm_networks import extra_inputs, tiny_denoiser
 
@@ -175,21 +178,39 @@ def test_our_teacher_files_and_checkpoints(tmp_path):
         load_denoiser(tmp_path / "teacher.pt", which="generator")
 
 
-def test_url_is_downloaded_once_into_the_hub_cache(write_pickle, tmp_path, monkeypatch):
-    source = tiny_denoiser("ddpmpp", label_dim=10)
-    served = write_pickle(edm_snapshot(source), "served.pkl")
+def test_url_is_downloaded_once_into_the_hub_cache_keyed_by_the_whole_url(write_pickle, tmp_path, monkeypatch):
+    served = {}   # url -> the denoiser behind it
     downloads = []
 
     def fake_download(url, dst, *args, **kwargs):          # no network in tests
         downloads.append(url)
         with open(dst, "wb") as f:
-            f.write(served.read_bytes())
+            f.write(write_pickle(edm_snapshot(served[url]), "served.pkl").read_bytes())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    url = "https://example.com/edm/pretrained/edm-tiny.pkl"
+    urls = ["https://example.com/edm/pretrained/edm-tiny.pkl", "https://example.org/other/edm-tiny.pkl"]
+    for seed, url in enumerate(urls):   # the same file name on two hosts: two files, never one for both
+        served[url] = tiny_denoiser("ddpmpp", label_dim=10, seed=seed)
     for _ in range(2):
-        assert_same_outputs(source, load_denoiser(url))
-    assert downloads == [url] and (tmp_path / "hub" / "checkpoints" / "edm-tiny.pkl").is_file()
+        for url in urls:
+            assert_same_outputs(served[url], load_denoiser(url))
+    assert downloads == urls
+    cached = sorted(os.listdir(tmp_path / "hub" / "checkpoints"))
+    assert len(cached) == 2 and all(name.startswith("edm-tiny.url-") and name.endswith(".pkl") for name in cached)
+
+
+def test_a_hash_in_the_file_name_is_verified(tmp_path, monkeypatch):
+    """torch.hub's convention (vgg16-397923af.pth): the name ends in the first hex digits of the file's SHA-256."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    data = b"the published weights"
+    digest = hashlib.sha256(data).hexdigest()
+    for name in (f"weights-{digest[:8]}.pth", "weights-00000000.pth", "weights.pth"):
+        (tmp_path / name).write_bytes(data)
+    assert open(cached_download((tmp_path / f"weights-{digest[:8]}.pth").as_uri()), "rb").read() == data
+    assert open(cached_download((tmp_path / "weights.pth").as_uri()), "rb").read() == data    # no hash: none checked
+    with pytest.raises(DMDError, match=f'cannot download .*weights-00000000.pth .*expected "00000000", got "{digest}"'):
+        cached_download((tmp_path / "weights-00000000.pth").as_uri())
+    assert len(os.listdir(tmp_path / "hub" / "checkpoints")) == 2      # nothing left of the rejected download
 
 
 def test_convert_edm_cli(write_pickle, tmp_path, capsys):
@@ -206,3 +227,55 @@ def test_convert_edm_cli(write_pickle, tmp_path, capsys):
     message = str(error.value.code)
     assert message.startswith("error:") and "missing.pkl" in message and "\n" not in message
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_module_tree_that_loops_back_is_a_one_line_error(write_pickle, tmp_path):
+    snapshot = edm_snapshot(tiny_denoiser("ddpmpp"))
+    encoder = snapshot["ema"].state["_modules"]["model"].state["_modules"]["enc"]   # an nn.ModuleDict
+    encoder.__dict__["_modules"]["itself"] = encoder
+    with pytest.raises(SystemExit) as error:
+        convert_main([str(write_pickle(snapshot)), str(tmp_path / "x.pt")])
+    message = str(error.value.code)
+    assert "module tree loops back" in message and "model.enc.itself" in message and "\n" not in message
+
+
+def test_stored_arguments_that_cannot_build_a_network_are_a_one_line_error(write_pickle):
+    snapshot = edm_snapshot(tiny_denoiser("ddpmpp"))
+    snapshot["ema"].state["_init_kwargs"]["model_channels"] = -16   # what one damaged byte made of 16
+    with pytest.raises(DMDError, match="cannot rebuild the network from its stored arguments") as error:
+        load_denoiser(write_pickle(snapshot))
+    assert "\n" not in str(error.value)
+
+
+def damaged_copies(data, count, seed=0):
+    """`count` copies of data, each with 1-4 bytes overwritten at random offsets or cut short at one."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        copy = bytearray(data)
+        if rng.random() < 0.3:
+            del copy[rng.randrange(len(copy)):]
+        else:
+            for _ in range(rng.randint(1, 4)):
+                copy[rng.randrange(len(copy))] = rng.randrange(256)
+        yield bytes(copy)
+
+
+@pytest.mark.filterwarnings("ignore")   # torch.load warns about a damaged pickle protocol number
+def test_damaged_files_give_only_one_line_errors(write_pickle, tmp_path):
+    """Small files, so that most damage hits the structure (zip records, pickle opcodes), not the weights."""
+    ours = tmp_path / "teacher.pt"
+    atomic_save(dict(denoiser=denoiser_to_dict(build_denoiser("mlp", 1.0, 3, hidden=8, depth=1))), ours)
+    edm = write_pickle(edm_snapshot(build_denoiser("songunet", 0.5, 3, img_resolution=4, model_channels=4,
+                                                   channel_mult=[1], channel_mult_emb=1, num_blocks=1,
+                                                   attn_resolutions=[], dropout=0.0)))
+    outcomes = []
+    for path, count in ((ours, 300), (edm, 150)):
+        for data in damaged_copies(path.read_bytes(), count):
+            (damaged := tmp_path / f"damaged{path.suffix}").write_bytes(data)
+            try:
+                load_denoiser(damaged)
+                outcomes.append("loaded")
+            except DMDError as e:
+                assert "\n" not in str(e)
+                outcomes.append("error")
+    assert outcomes.count("error") > len(outcomes) / 2

@@ -18,7 +18,7 @@ from dmd_minimal.networks import build_denoiser, denoiser_to_dict
 from dmd_minimal.songunet import SongUNet
 from dmd_minimal.train import apply_gradients, generator_step, train, trainable_copy
 from dmd_minimal.train import main as train_main
-from dmd_minimal.utils import atomic_save
+from dmd_minimal.utils import DMDError, atomic_save
 
 
 def tiny_teacher(path, channels=3, label_dim=4, resolution=8):
@@ -154,6 +154,19 @@ def test_missing_vgg_weights_is_a_one_line_error(teacher_file, tmp_path, monkeyp
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
 
 
+@pytest.mark.parametrize("flags, pooling", [([], "avg"), (["--lpips-pooling", "max"], "max")])
+def test_lpips_pooling_flag_reaches_lpips_vgg(teacher_file, tmp_path, monkeypatch, flags, pooling):
+    calls = []
+
+    def record(device, pooling):
+        calls.append(pooling)
+        raise DMDError("stop here")
+    monkeypatch.setattr("dmd_minimal.train.lpips_vgg", record)
+    message = cli_error(["--dataset", "shapes", "--resolution", "8", "--teacher", teacher_file, "--device", "cpu",
+                         "--regression-loss", "lpips", "--out", str(tmp_path / "run")] + flags)
+    assert calls == [pooling] and message == "error: stop here"
+
+
 def test_non_finite_gradients_are_skipped():
     net = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
@@ -249,7 +262,7 @@ def test_bad_input_gives_one_line_errors_and_damages_nothing(straight_run, teach
 def test_bf16_with_lpips_on_cuda(teacher_file, random_lpips, tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    monkeypatch.setattr("dmd_minimal.train.lpips_vgg", lambda device: random_lpips.to(device))
+    monkeypatch.setattr("dmd_minimal.train.lpips_vgg", lambda device, pooling: random_lpips.to(device))
     generator = train(tiny(tmp_path, teacher_file, device="cuda", precision="bf16", regression_loss="lpips",
                            lpips_resolution=64, dmd_steps=8, grid_size=0))
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
