@@ -1,9 +1,7 @@
 """The classifier metric: precision and recall against their definition and cases with known answers, the
 classifier's cache, class accuracy, and the scores of Fashion-MNIST's test split and of noise where the
 dataset is installed. (The Fréchet distance itself is tested in test_evaluate.py.)"""
-import gzip
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +10,8 @@ import torch
 from dmd_minimal import classifier as metric
 from dmd_minimal.classifier import (NOT_INCEPTION, classifier_scores, format_scores, get_classifier, precision_recall,
                                     reference_statistics)
-from dmd_minimal.data import Shapes
+from dmd_minimal.data import Shapes, load_dataset
+from dmd_minimal.mnist import TensorImages
 from dmd_minimal.utils import DMDError
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
@@ -51,20 +50,6 @@ def test_precision_recall_match_the_definition(k):
     got = precision_recall(real, fake, k, chunk=16)                   # several chunks, a ragged last one
     assert 0.1 < expected[0] < 0.95 and 0.1 < expected[1] < 0.95
     assert got == pytest.approx(expected, abs=1e-6)   # float32 means of exact counts
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """uint8 images [N, C, H, W] and labels [N] as a dataset of data.py's kind."""
-
-    def __init__(self, images, labels, num_classes):
-        self.images, self.labels, self.num_classes = images, labels, num_classes
-        self.channels, self.resolution = images.shape[1], images.shape[2]
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i].float() / 127.5 - 1, self.labels[i]
 
 
 @pytest.fixture
@@ -151,36 +136,16 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_training):
 
 # ---- the real data ----------------------------------------------------------------------------------
 
-class FashionMNISTSplit(torch.utils.data.Dataset):
-    """A split read by torchvision.datasets.FashionMNIST, as data.py's datasets give items."""
-    channels, resolution, num_classes = 1, 28, 10
-
-    def __init__(self, root, train):
-        from torchvision.datasets import FashionMNIST
-        split = FashionMNIST(root, train=train)
-        self.images, self.labels = split.data, split.targets   # uint8 [N, 28, 28], int64 [N]
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i][None].float() / 127.5 - 1, self.labels[i]
-
-
 @pytest.fixture(scope="module")
 def fashion_mnist(tmp_path_factory):
     """(classifier, reference statistics of the train split, the test split), trained once for this module."""
     if not os.path.isdir(FASHION_MNIST):
         pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
-    root = tmp_path_factory.mktemp("fashion-mnist")
-    raw = root / "FashionMNIST" / "raw"   # where torchvision looks for the decompressed files
-    raw.mkdir(parents=True)
-    for name in os.listdir(FASHION_MNIST):
-        if name.endswith(".gz"):
-            with gzip.open(os.path.join(FASHION_MNIST, name)) as f, open(raw / name[:-3], "wb") as out:
-                shutil.copyfileobj(f, out)
-    train_set, test_set = FashionMNISTSplit(root, train=True), FashionMNISTSplit(root, train=False)
-    classifier = get_classifier(train_set, test_set, root / "cache")
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("DMD_CACHE", str(cache))   # the decompressed IDX files go here, not into ~
+        train_set, test_set = (load_dataset("fashion-mnist", split=split) for split in ("train", "test"))
+    classifier = get_classifier(train_set, test_set, cache / "classifier")
     return classifier, reference_statistics(classifier, train_set), test_set
 
 
@@ -191,7 +156,7 @@ def test_the_fashion_mnist_classifier_is_accurate(fashion_mnist):
 
 def test_fashion_mnist_test_split_scores_well_and_noise_badly(fashion_mnist):
     classifier, reference, test_set = fashion_mnist
-    images, labels = test_set.images[:, None].float() / 127.5 - 1, test_set.labels   # [10000, 1, 28, 28]
+    images, labels = test_set.images.float() / 127.5 - 1, test_set.labels   # [10000, 1, 28, 28]
     real = classifier_scores(classifier, images, labels, reference)
     noise = classifier_scores(classifier, torch.rand(2000, 1, 28, 28) * 2 - 1, None, reference)
     print(format_scores(real), format_scores(noise), sep="\n")
