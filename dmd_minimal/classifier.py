@@ -50,8 +50,9 @@ class Classifier(nn.Module):
             *block(2 * width, 4 * width, 1),     # [B, 4w, H/4, W/4]
             nn.AdaptiveAvgPool2d(2),             # [B, 4w, 2, 2]: any resolution, coarse positions kept
             nn.Flatten(),                        # [B, 16w]
-            nn.Linear(16 * width, feature_dim),  # [B, D]: the features the scores use, taken before the
-        )                                        # ReLU, which leaves some always 0 and Sigma singular
+            nn.Linear(16 * width, feature_dim),  # [B, D]: the features the scores use
+        )
+        # the ReLU after the features, not in them: some of its outputs are always 0, which makes Sigma singular
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))   # [B, K]
 
     def features(self, x):
@@ -227,7 +228,7 @@ def classifier_scores(classifier, images, labels, reference, k=3, seed=0, batch_
     real = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]]
     precision, recall = precision_recall(real, features, k)
     return dict(fid=frechet_distance(mu, sigma, reference["mu"], reference["sigma"]), precision=precision,
-                recall=recall, class_accuracy=None if labels is None else accuracy(logits, labels), num_samples=n)
+                recall=recall, class_accuracy=None if labels is None else accuracy(logits, labels.cpu()), num_samples=n)
 
 
 def format_scores(scores):
