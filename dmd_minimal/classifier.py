@@ -27,7 +27,7 @@ from .utils import DMDError, atomic_save, hide_progress, load_file
 
 NOT_INCEPTION = "FID in the classifier's features (not Inception FID; not comparable with papers' numbers)"
 TRAINING = dict(   # what the cache's hash covers besides the data and the architecture
-    epochs=4,           # ~0.90 test accuracy on Fashion-MNIST, about a minute on one CPU core
+    epochs=4,           # Fashion-MNIST: test accuracy 0.901 after about 100 s on one core of a shared 2-core VM
     batch_size=128,
     lr=3e-3,            # Adam, the peak of a one-cycle schedule
     seed=0,             # the initialisation and the order of the batches
