@@ -202,8 +202,9 @@ def validate(cfg):
     check("dm_max_level", cfg.dm_min_level <= cfg.dm_max_level < cfg.num_levels,
           f"in [--dm-min-level {cfg.dm_min_level}, --num-levels {cfg.num_levels})")
     if cfg.dataset != "toy2d":   # toy2d measures sigma_data itself and has no images
-        check("resolution", cfg.resolution >= 1, f">= 1 for {cfg.dataset}")
         check("sigma_data", cfg.sigma_data > 0, f"> 0 for {cfg.dataset}")
+    if cfg.dataset not in ("toy2d", "folder"):   # a folder's images have their own resolution (0: take it)
+        check("resolution", cfg.resolution >= 1, f">= 1 for {cfg.dataset}")
     if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
         raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
                        f"(--batch-size {cfg.batch_size})")

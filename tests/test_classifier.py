@@ -11,6 +11,7 @@ from dmd_minimal import classifier as metric
 from dmd_minimal.classifier import (NOT_INCEPTION, classifier_scores, format_scores, get_classifier, precision_recall,
                                     reference_statistics)
 from dmd_minimal.data import Shapes, load_dataset
+from dmd_minimal.evaluate import main as evaluate_main
 from dmd_minimal.mnist import TensorImages
 from dmd_minimal.utils import DMDError
 
@@ -101,7 +102,6 @@ def test_training_is_deterministic_and_a_corrupt_cache_is_retrained(tmp_path, ti
         assert torch.equal(a, b)
 
 
-@pytest.mark.filterwarnings("ignore:Matrix is singular")   # 40 samples, 128-d features: a singular Sigma
 def test_class_accuracy_and_the_printed_line(tmp_path, tiny_training):
     train_set, test_set = Shapes(16, size=64, seed=0), Shapes(16, size=40, seed=1)
     classifier = get_classifier(train_set, test_set, tmp_path)
@@ -145,17 +145,17 @@ def fashion_mnist(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("DMD_CACHE", str(cache))   # the decompressed IDX files go here, not into ~
         train_set, test_set = (load_dataset("fashion-mnist", split=split) for split in ("train", "test"))
-    classifier = get_classifier(train_set, test_set, cache / "classifier")
-    return classifier, reference_statistics(classifier, train_set), test_set
+    classifier = get_classifier(train_set, test_set, cache)
+    return classifier, reference_statistics(classifier, train_set), test_set, cache
 
 
 def test_the_fashion_mnist_classifier_is_accurate(fashion_mnist):
-    classifier, _, _ = fashion_mnist
+    classifier, _, _, _ = fashion_mnist
     assert classifier.test_accuracy >= 0.88
 
 
 def test_fashion_mnist_test_split_scores_well_and_noise_badly(fashion_mnist):
-    classifier, reference, test_set = fashion_mnist
+    classifier, reference, test_set, _ = fashion_mnist
     images, labels = test_set.images.float() / 127.5 - 1, test_set.labels   # [10000, 1, 28, 28]
     real = classifier_scores(classifier, images, labels, reference)
     noise = classifier_scores(classifier, torch.rand(2000, 1, 28, 28) * 2 - 1, None, reference)
@@ -164,3 +164,19 @@ def test_fashion_mnist_test_split_scores_well_and_noise_badly(fashion_mnist):
     assert real["fid"] < 0.2 and real["precision"] > 0.8 and real["recall"] > 0.8
     assert real["class_accuracy"] == pytest.approx(classifier.test_accuracy)
     assert noise["fid"] > 50 and noise["precision"] < 0.1 and noise["recall"] < 0.05
+
+
+def test_evaluate_prints_every_score_for_fashion_mnist_samples(fashion_mnist, tmp_path, monkeypatch, capsys):
+    """python -m dmd_minimal.evaluate --samples X.npz --dataset fashion-mnist, on test images written the way
+    sample.py writes them (arr_0 uint8 [N, 28, 28, 1], labels [N]); the classifier comes from the cache."""
+    classifier, reference, test_set, cache = fashion_mnist
+    monkeypatch.setenv("DMD_CACHE", str(cache))
+    np.savez(tmp_path / "x.npz", arr_0=test_set.images[:2000].permute(0, 2, 3, 1).numpy(),
+             labels=test_set.labels[:2000].numpy())
+    result = evaluate_main(["--samples", str(tmp_path / "x.npz"), "--dataset", "fashion-mnist"])
+    out = capsys.readouterr().out
+    assert "trained the classifier" not in out and f"{NOT_INCEPTION}: " in out
+    expected = classifier_scores(classifier, test_set.images[:2000].float() / 127.5 - 1, test_set.labels[:2000],
+                                 reference)
+    assert result == {**expected, "metric": "FID in the classifier's features"}
+    assert result["fid"] < 1 and result["class_accuracy"] > 0.85

@@ -14,7 +14,7 @@ import dmd_minimal.train as train_module
 from dmd_minimal.checkpoint import load_checkpoint, save_checkpoint
 from dmd_minimal.config import make_config
 from dmd_minimal.networks import build_denoiser
-from dmd_minimal.pairs import make_pairs
+from dmd_minimal.pairs import heun_sampler, make_pairs, pairs_manifest
 from dmd_minimal.train import build_dmd, resolve, train
 from dmd_minimal.train import main as train_main
 from dmd_minimal.utils import DMDError
@@ -159,10 +159,11 @@ def test_a_checkpoint_that_fails_halfway_leaves_the_old_one_intact(tmp_path, mon
 
 def test_a_pairs_shard_that_fails_halfway_leaves_nothing_partial(tmp_path, monkeypatch):
     teacher = build_denoiser("mlp", 1.0, hidden=8, depth=1).eval()
-    make_pairs(teacher, tmp_path, 4, (2,), 0, 2, shard_size=2)
+    manifest = pairs_manifest(teacher, 4, 0, heun_sampler(2), shard_size=2)
+    make_pairs(teacher, tmp_path, manifest)
     (tmp_path / "shard-00001.pt").unlink()
     before = files(tmp_path)
     fail_halfway(monkeypatch)
     with pytest.raises(DMDError, match="cannot write .*shard-00001.pt .*No space left on device"):
-        make_pairs(teacher, tmp_path, 4, (2,), 0, 2, shard_size=2)
+        make_pairs(teacher, tmp_path, manifest)
     assert files(tmp_path) == before

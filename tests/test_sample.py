@@ -55,10 +55,28 @@ def test_generator_samples_round_trip_as_npz_grid_and_pngs(checkpoint, tmp_path)
     assert grid.shape[2] == 3 and grid.shape[0] > 8
 
 
+def test_gray_images_are_written_with_one_channel(tmp_path):
+    """Nothing assumes RGB: a 1-channel generator's samples are arr_0 [N, H, W, 1] and gray PNGs."""
+    nets = dict(teacher=tiny_unet(1, seed=0), generator=tiny_unet(1, seed=1), fake_score=tiny_unet(1, seed=2))
+    path, out, png_dir = tmp_path / "checkpoint.pt", tmp_path / "gray.npz", tmp_path / "png"
+    atomic_save(dict(config=dict(sigma_max=80.0), step=0, **{k: denoiser_to_dict(v) for k, v in nets.items()}), path)
+    main(["--checkpoint", str(path), "--num", "5", "--out", str(out), "--png-dir", str(png_dir)])
+    images = np.load(out)["arr_0"]
+    index = torch.arange(5)
+    with torch.no_grad():
+        x = OneStepGenerator(nets["generator"], 80.0)(per_index_noise(index, (1, 8, 8), 0), index % LABEL_DIM)
+    assert images.shape == (5, 8, 8, 1)
+    np.testing.assert_array_equal(images, to_uint8(x).numpy())
+    with Image.open(png_dir / "000004.png") as png:
+        assert png.mode == "L"
+        np.testing.assert_array_equal(np.asarray(png), images[4, :, :, 0])
+
+
 def test_the_generators_ema_is_sampled_where_there_is_one_unless_no_ema(checkpoint, tmp_path, capsys):
     path, nets = checkpoint
     ema = tiny_unet(seed=3)   # what train() returns and the grids show when --ema is on
-    atomic_save(dict(torch.load(path, weights_only=True), generator_ema=denoiser_to_dict(ema)), path)
+    saved = {k: v for k, v in torch.load(path, weights_only=True).items() if k != "checksum"}   # atomic_save adds it
+    atomic_save(dict(saved, generator_ema=denoiser_to_dict(ema)), path)
     for flags, net, what in (([], ema, "generator (EMA of its weights)"), (["--no-ema"], nets["generator"], "generator to")):
         out = tmp_path / f"samples{len(flags)}.npz"
         main(["--checkpoint", str(path), "--num", "4", "--out", str(out), *flags])
@@ -111,10 +129,6 @@ def test_to_uint8_maps_the_unit_range_onto_bytes():
 
 def test_bad_requests_are_one_line_errors(checkpoint, tmp_path):
     path, _ = checkpoint
-    gray = tmp_path / "gray.pt"
-    atomic_save(dict(config=dict(sigma_max=80.0), generator=denoiser_to_dict(tiny_unet(channels=1))), gray)
-    for args, message in ((["--checkpoint", str(path), "--out", str(tmp_path / "x.png")], "must end in .npz"),
-                          (["--checkpoint", str(gray), "--num", "2", "--out", str(tmp_path / "g.npz")], "RGB")):
-        with pytest.raises(SystemExit) as exit_info:
-            main(args)
-        assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(path), "--out", str(tmp_path / "x.png")])
+    assert "must end in .npz" in str(exit_info.value) and "\n" not in str(exit_info.value)

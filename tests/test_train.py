@@ -119,7 +119,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, teacher_path, capsys):
     corrupt.write_bytes(b"not a checkpoint")
     x = str(tmp_path / "x.npz")
     cases = [
-        (train_main, ["--dataset", "mnist"], "invalid choice: 'mnist'"),
+        (train_main, ["--dataset", "svhn"], "invalid choice: 'svhn'"),
+        (train_main, ["--dataset", "mnist"], "the mnist dataset needs --data-dir DIR with its four IDX files"),
         (train_main, ["--toy", "spiral", "--out", str(tmp_path / "a")], "unknown toy distribution 'spiral'"),
         (train_main, ["--lamda-reg", "1"], "unrecognized arguments: --lamda-reg"),
         (train_main, ["--toy", "ring8", "--teacher", teacher_path, "--out", str(tmp_path / "b")],

@@ -16,6 +16,7 @@ from dmd_minimal.generator import OneStepGenerator
 from dmd_minimal.load import load_denoiser
 from dmd_minimal.networks import build_denoiser, denoiser_to_dict
 from dmd_minimal.songunet import SongUNet
+from dmd_minimal.teacher import ema_decay, xflip
 from dmd_minimal.train import apply_gradients, generator_step, train, trainable_copy
 from dmd_minimal.train import main as train_main
 from dmd_minimal.utils import DMDError, atomic_save
@@ -280,3 +281,20 @@ def test_bf16_with_lpips_on_cuda(teacher_file, random_lpips, tmp_path, monkeypat
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r[k]) for r in log for k in ("loss_dm", "loss_reg", "loss_fake"))
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in generator.parameters())
+
+
+def test_ema_ramp_up_follows_edm():
+    """EDM training_loop.py: half-life min(batch ln 0.5 / ln decay, rampup * images seen), beta = 0.5^(batch / half-life)."""
+    assert ema_decay(0.999, 128, 12_800) == 0.999                                 # no ramp-up: the decay itself
+    half_life = min(128 * math.log(0.5) / math.log(0.999), 0.05 * 12_800)        # 640 images: the ramp-up binds
+    assert ema_decay(0.999, 128, 12_800, rampup=0.05) == pytest.approx(0.5 ** (128 / half_life))
+    assert ema_decay(0.999, 128, 10**8, rampup=0.05) == pytest.approx(0.999)     # late in training: the decay
+    assert ema_decay(0.999, 128, 128, rampup=0.05) < 1e-6                        # the first step: almost a copy
+
+
+def test_xflip_mirrors_about_half_the_images_left_right():
+    x = torch.randn(400, 1, 4, 6)
+    y = xflip(x)
+    flipped = (y == x.flip(3)).flatten(1).all(1)
+    assert torch.equal(flipped | (y == x).flatten(1).all(1), torch.ones(400, dtype=torch.bool))   # each one or the other
+    assert 150 < flipped.sum() < 250
