@@ -23,7 +23,8 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
-from .data import CLASSIFIER_DATASETS, CORRUPT, GRAY_MODES, load_dataset
+from .data import CLASSIFIER_DATASETS, load_dataset
+from .image_files import CORRUPT, GRAY_MODES
 from .load import cache_path, cached_download
 from .utils import DMDError, atomic_write, reason
 

@@ -10,7 +10,6 @@ and Heun 18 steps, from the same noise) are computed once and cached in OUT/teac
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -45,6 +44,8 @@ class ClassifierScorer:
         return dict(metric="FID in the classifier's features", **classifier_scores(self.classifier, images, labels,
                                                                                     self.reference))
 
+    describe = staticmethod(format_scores)   # one line that says it is not Inception FID
+
 
 class InceptionScorer:
     """Inception FID of images [N, C, H, W] in [-1, 1] against the training set's statistics (EDM's files)."""
@@ -61,6 +62,10 @@ class InceptionScorer:
         uint8 = uint8.expand(-1, 3, -1, -1) if uint8.shape[1] == 1 else uint8    # Inception takes RGB
         return dict(metric="Inception FID", **evaluate(uint8.permute(0, 2, 3, 1).cpu().numpy(), self.mu, self.sigma,
                                                        self.extractor))
+
+    @staticmethod
+    def describe(scores):
+        return f"Inception FID {scores['fid']:.3f} ({scores['num_samples']} samples; the paper uses 50000)"
 
 
 def make_scorer(cfg, label_dim):
@@ -114,12 +119,6 @@ class Monitor:
         record = dict(step=state["step"], eval=self.score(generator))
         state["history"].append(record)
         write_log(self.out, state["history"])
-        tqdm.write(f"step {state['step']}: {format_scores(record['eval'])}")   # above the progress bar
+        tqdm.write(f"step {state['step']}: {self.scorer.describe(record['eval'])}")   # above the progress bar
         training_curves(state["history"], self.teacher_scores, self.out / "curves.png")
         return record
-
-
-def fid_series(history):
-    """(steps, FIDs) of the evaluation records in a run's history."""
-    evals = [h for h in history if "eval" in h]
-    return np.array([h["step"] for h in evals]), np.array([h["eval"]["fid"] for h in evals])

@@ -1,5 +1,6 @@
-"""data.py against tiny files written in each real format: CIFAR-10's python batches, downsampled
-ImageNet's pickles and .npz files, EDM's dataset_tool zip and folder; plus errors and the loader's order."""
+"""data.py and image_files.py against tiny files written in each real format: CIFAR-10's python batches,
+downsampled ImageNet's pickles and .npz files, EDM's dataset_tool zip and folder; plus errors and the
+loader's order."""
 import io
 import json
 import pickle
@@ -10,8 +11,8 @@ import PIL.Image
 import pytest
 import torch
 
-from dmd_minimal.data import (ImageFolderZip, Shapes, epoch_order, infinite_loader, load_dataset,
-                              to_unit_range)
+from dmd_minimal.data import Shapes, epoch_order, infinite_loader, load_dataset
+from dmd_minimal.image_files import ImageFolderZip, to_unit_range
 from dmd_minimal.utils import DMDError
 
 
