@@ -14,6 +14,7 @@ import torch
 
 from dmd_minimal.checkpoint import load_checkpoint
 from dmd_minimal.config import Config, parse_config
+from dmd_minimal.pairs import main as pairs_main
 from dmd_minimal.sample import main as sample_main
 from dmd_minimal.teacher import get_teacher
 from dmd_minimal.train import resolve, train
@@ -138,6 +139,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, teacher_path, capsys):
 
 
 SAMPLE = ["--checkpoint", "missing.pt", "--out", "x.npz"]   # the numbers are checked before the file is read
+PAIRS = ["--teacher", "teacher.pt", "--out", "pairs", "--num", "8", "--steps", "18"]   # checked before any file is read
 BAD_NUMBERS = [   # (main, argv, the error's text after "error: ")
     *[(train_main, [flag, value], f"{flag} must be {must}, not {value}") for flag, value, must in [
         ("--batch-size", "0", ">= 1"), ("--batch-size", "-64", ">= 1"), ("--dmd-steps", "0", ">= 1"),
@@ -173,6 +175,10 @@ BAD_NUMBERS = [   # (main, argv, the error's text after "error: ")
     (sample_main, SAMPLE + ["--seed", "-1"], "--seed must be >= 0, not -1"),
     (sample_main, SAMPLE + ["--device", "tpu"], "--device 'tpu' is not a device"),
     (sample_main, SAMPLE + ["--device", "cuda:0"], "--device cuda:0: this machine has 0 CUDA GPU(s)"),
+    *[(pairs_main, PAIRS + [flag, value], f"{flag} must be {must}, not {value}") for flag, value, must in [
+        ("--steps", "0", ">= 1"), ("--num", "-5", ">= 1"), ("--batch-size", "0", ">= 1"), ("--shard-size", "0", ">= 1"),
+        ("--seed", "-1", ">= 0"), ("--rho", "nan", "> 0"), ("--sigma-max", "0.001", "> --sigma-min 0.002")]],
+    (pairs_main, PAIRS + ["--device", "cuda"], "--device cuda: this machine has 0 CUDA GPU(s)"),
 ]
 
 
