@@ -3,7 +3,8 @@
 Each helper draws onto an Axes the caller made with `panels`, so a notebook composes a figure from
 a few calls; nothing is saved (plots.py writes the training report's files). 2D helpers take torch
 tensors or numpy arrays of shape [N, 2]. The exception closes the file: tutorial 03's two figures of the
-DMD gradient s_real - s_fake (`score_rows`, `training_strip`) are whole figures, drawn from `dmd_fields`.
+DMD gradient s_real - s_fake (`score_rows`, `training_strip`) are whole figures, drawn from `dmd_fields`,
+and shown through `small_png` to keep the notebook small.
 """
 import math
 
@@ -135,27 +136,27 @@ def dmd_fields(teacher, fake_score, x, sigma, lim=5.0, n=41, num_noise=16):
                 s_fake=as_numpy(score(fake_score, grid, sigma)), x=as_numpy(x), update=as_numpy(update))
 
 
-def shared_norm(grid, fields, inside=4.5, gamma=0.5):
-    """One colour scale for several fields on the same grid [M, 2]: 0 to the 99th percentile of their
-    magnitudes within [-inside, inside]^2 (where the data is), square-root spaced."""
-    import matplotlib.colors as mcolors
-
+def shared_levels(grid, fields, inside=4.5, num=8):
+    """One colour scale for several fields on the same grid [M, 2]: num + 1 contour levels from 0 to the 99th
+    percentile of their magnitudes within [-inside, inside]^2 (where the data is), square-root spaced."""
     mask = (np.abs(as_numpy(grid)) <= inside).all(1)
     magnitude = np.concatenate([np.linalg.norm(as_numpy(f)[mask], axis=1) for f in fields])
-    return mcolors.PowerNorm(gamma, vmin=0.0, vmax=float(np.percentile(magnitude, 99)) + 1e-12)
+    return float(np.percentile(magnitude, 99) + 1e-12) * np.linspace(0, 1, num + 1) ** 2
 
 
-def score_map(ax, grid, vectors, norm, title=None, cmap="Blues"):
-    """A field on grid_points as its magnitude (colour, on norm's scale) under its streamlines."""
+def score_map(ax, grid, vectors, levels, title=None, cmap="Blues"):
+    """A field on grid_points as its magnitude (filled contours at `levels`) under its streamlines."""
+    import matplotlib.colors as mcolors
+
     p, v = as_numpy(grid), as_numpy(vectors)
     n = math.isqrt(len(p))
     ticks = p[:n, 0]                                                             # grid_points: x varies fastest
     U, V = v[:, 0].reshape(n, n), v[:, 1].reshape(n, n)                          # [n, n], rows are y
-    image = ax.imshow(np.hypot(U, V), origin="lower", extent=(ticks[0], ticks[-1], ticks[0], ticks[-1]),
-                      cmap=cmap, norm=norm, interpolation="bilinear")
-    ax.streamplot(ticks, ticks, U, V, color="0.45", linewidth=0.5, density=0.8, arrowsize=0.6)
+    norm = mcolors.BoundaryNorm(levels, 256, extend="max")                       # evenly spaced colours per band
+    bands = ax.contourf(ticks, ticks, np.hypot(U, V), levels=levels, cmap=cmap, norm=norm, extend="max")
+    ax.streamplot(ticks, ticks, U, V, color="0.45", linewidth=0.5, density=0.7, arrowsize=0.6)
     frame(ax, title, lim=float(ticks[-1]))
-    return image
+    return bands
 
 
 ARROWS = 150   # samples that get an update arrow (all get a dot)
@@ -214,14 +215,14 @@ def score_rows(rows, centers, captions=None, size=3.0):
     for subfig, f, caption in zip(subfigs, rows, captions or [None] * len(rows)):
         (real, fake, difference), cax = _panel_row(subfig, 3, caption)
         diff = f["s_real"] - f["s_fake"]
-        norm = shared_norm(f["grid"], [f["s_real"], f["s_fake"], diff])
-        image = score_map(real, f["grid"], f["s_real"], norm, f"real score s_real (teacher), sigma = {f['sigma']:g}")
+        levels = shared_levels(f["grid"], [f["s_real"], f["s_fake"], diff])
+        image = score_map(real, f["grid"], f["s_real"], levels, f"real score s_real (teacher), sigma = {f['sigma']:g}")
         real.scatter(c[:, 0], c[:, 1], marker="+", s=30, c="C1", linewidths=1.2, zorder=3)
-        score_map(fake, f["grid"], f["s_fake"], norm, "fake score s_fake, with the samples")
+        score_map(fake, f["grid"], f["s_fake"], levels, "fake score s_fake, with the samples")
         fake.scatter(f["x"][:, 0], f["x"][:, 1], s=2, c="k", linewidths=0, alpha=0.6, zorder=3, rasterized=True)
-        score_map(difference, f["grid"], diff, norm, "s_real - s_fake; update at samples")
+        score_map(difference, f["grid"], diff, levels, "s_real - s_fake; update at samples")
         samples_with_updates(difference, f["x"], f["update"])
-        subfig.colorbar(image, cax=cax, label="|score|")
+        subfig.colorbar(image, cax=cax, label="|score|", format="%.2g")
     return fig
 
 
@@ -236,18 +237,35 @@ def training_strip(snapshots, centers, captions=None, size=2.4):
     grid, c = fields[0]["grid"], as_numpy(centers)
 
     axes, cax = _panel_row(top, len(snapshots), captions[0])
-    norm = shared_norm(grid, [f["s_fake"] for f in fields])
+    levels = shared_levels(grid, [f["s_fake"] for f in fields])
     for ax, snap, f in zip(axes, snapshots, fields):
-        image = score_map(ax, grid, f["s_fake"], norm, f"step {snap['step']}: s_fake, sigma = {f['sigma']:g}")
+        image = score_map(ax, grid, f["s_fake"], levels, f"step {snap['step']}: s_fake, sigma = {f['sigma']:g}")
         ax.scatter(f["x"][:, 0], f["x"][:, 1], s=1.5, c="k", linewidths=0, alpha=0.6, zorder=3, rasterized=True)
         ax.scatter(c[:, 0], c[:, 1], marker="+", s=25, c="C1", linewidths=1.0, zorder=4)
-    top.colorbar(image, cax=cax, label="|score|")
+    top.colorbar(image, cax=cax, label="|score|", format="%.2g")
 
     axes, cax = _panel_row(bottom, len(snapshots), captions[1])
     diffs = [f["s_real"] - f["s_fake"] for f in fields]
-    norm, size = shared_norm(grid, diffs), update_size([f["update"] for f in fields])
+    levels, size = shared_levels(grid, diffs), update_size([f["update"] for f in fields])
     for ax, snap, f, diff in zip(axes, snapshots, fields, diffs):
-        image = score_map(ax, grid, diff, norm, f"step {snap['step']}: s_real - s_fake")
+        image = score_map(ax, grid, diff, levels, f"step {snap['step']}: s_real - s_fake")
         samples_with_updates(ax, f["x"], f["update"], size, length=0.6, key=ax is axes[-1])
-    bottom.colorbar(image, cax=cax, label="|score|")
+    bottom.colorbar(image, cax=cax, label="|score|", format="%.2g")
     return fig
+
+
+def small_png(fig, colors=128):
+    """fig as a PNG of `colors` palette colours, for a notebook to show, and closed: about a quarter of the bytes
+    of matplotlib's own PNG for the dense figures above, so the committed notebooks stay small."""
+    import io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    rendered, small = io.BytesIO(), io.BytesIO()
+    fig.savefig(rendered, format="png", bbox_inches="tight")
+    plt.close(fig)
+    rgb = PILImage.open(rendered).convert("RGB")
+    palette = rgb.quantize(colors, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE)
+    palette.save(small, "png", optimize=True)
+    return Image(small.getvalue())
