@@ -246,10 +246,10 @@ def training_strip(snapshots, centers, captions=None, size=2.4):
 
     axes, cax = _panel_row(bottom, len(snapshots), captions[1])
     diffs = [f["s_real"] - f["s_fake"] for f in fields]
-    levels, size = shared_levels(grid, diffs), update_size([f["update"] for f in fields])
+    levels, arrow_size = shared_levels(grid, diffs), update_size([f["update"] for f in fields])
     for ax, snap, f, diff in zip(axes, snapshots, fields, diffs):
         image = score_map(ax, grid, diff, levels, f"step {snap['step']}: s_real - s_fake")
-        samples_with_updates(ax, f["x"], f["update"], size, length=0.6, key=ax is axes[-1])
+        samples_with_updates(ax, f["x"], f["update"], arrow_size, length=0.6, key=ax is axes[-1])
     bottom.colorbar(image, cax=cax, label="|score|", format="%.2g")
     return fig
 
