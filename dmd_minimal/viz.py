@@ -2,7 +2,9 @@
 
 Each helper draws onto an Axes the caller made with `panels`, so a notebook composes a figure from
 a few calls; nothing is saved (plots.py writes the training report's files). 2D helpers take torch
-tensors or numpy arrays of shape [N, 2].
+tensors or numpy arrays of shape [N, 2]. The exception closes the file: tutorial 03's two figures of the
+DMD gradient s_real - s_fake (`score_rows`, `training_strip`) are whole figures, drawn from `dmd_fields`,
+and shown through `small_png` to keep the notebook small.
 """
 import math
 
@@ -107,3 +109,163 @@ def metrics_table(rows, digits=3):
         cells = [f"{row[c]:.{digits}g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --- The DMD gradient, drawn (tutorial 03) ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dmd_fields(teacher, fake_score, x, sigma, lim=5.0, n=41, num_noise=16):
+    """What one DMD step sees at noise level sigma, as numpy arrays for `score_rows` and `training_strip`.
+
+    grid [n * n, 2] over [-lim, lim]^2 with s_real, s_fake [n * n, 2] there (denoiser.score); x [N, 2], the
+    samples, with update [N, 2] = -grad (dmd_loss.dmd_gradient, Eq. 7-8) averaged over num_noise draws of
+    the noise n: the direction in which L_DM moves each sample.
+    """
+    from .denoiser import score              # here: the other notebooks import viz without training anything
+    from .dmd_loss import dmd_gradient
+
+    grid = grid_points(lim, n)
+    x = torch.as_tensor(x).float()
+    x_rep = x.repeat(num_noise, 1)                                               # [K * N, 2]
+    with torch.random.fork_rng(devices=[]):    # the same noise on every call; the caller's random stream untouched
+        torch.manual_seed(0)
+        grad = dmd_gradient(x_rep, torch.full((len(x_rep),), float(sigma)), teacher, fake_score)
+    update = -grad.reshape(num_noise, len(x), 2).mean(0)                         # [N, 2]
+    return dict(sigma=float(sigma), grid=as_numpy(grid), s_real=as_numpy(score(teacher, grid, sigma)),
+                s_fake=as_numpy(score(fake_score, grid, sigma)), x=as_numpy(x), update=as_numpy(update))
+
+
+def shared_levels(grid, fields, inside=4.5, num=8):
+    """One colour scale for several fields on the same grid [M, 2]: num + 1 contour levels from 0 to the 99th
+    percentile of their magnitudes within [-inside, inside]^2 (where the data is), square-root spaced."""
+    mask = (np.abs(as_numpy(grid)) <= inside).all(1)
+    magnitude = np.concatenate([np.linalg.norm(as_numpy(f)[mask], axis=1) for f in fields])
+    return float(np.percentile(magnitude, 99) + 1e-12) * np.linspace(0, 1, num + 1) ** 2
+
+
+def score_map(ax, grid, vectors, levels, title=None, cmap="Blues"):
+    """A field on grid_points as its magnitude (filled contours at `levels`) under its streamlines."""
+    import matplotlib.colors as mcolors
+
+    p, v = as_numpy(grid), as_numpy(vectors)
+    n = math.isqrt(len(p))
+    ticks = p[:n, 0]                                                             # grid_points: x varies fastest
+    U, V = v[:, 0].reshape(n, n), v[:, 1].reshape(n, n)                          # [n, n], rows are y
+    norm = mcolors.BoundaryNorm(levels, 256, extend="max")                       # evenly spaced colours per band
+    bands = ax.contourf(ticks, ticks, np.hypot(U, V), levels=levels, cmap=cmap, norm=norm, extend="max")
+    ax.streamplot(ticks, ticks, U, V, color="0.45", linewidth=0.5, density=0.7, arrowsize=0.6)
+    frame(ax, title, lim=float(ticks[-1]))
+    return bands
+
+
+ARROWS = 150   # samples that get an update arrow (all get a dot)
+
+
+def update_size(updates, q=90):
+    """The q-th percentile of the lengths of the updates that get arrows, over one or more [N, 2] arrays."""
+    lengths = [np.linalg.norm(as_numpy(u)[:ARROWS], axis=1) for u in updates]
+    return float(np.percentile(np.concatenate(lengths), q)) + 1e-12
+
+
+def samples_with_updates(ax, x, update, size=None, length=0.8, key=True):
+    """The first ARROWS samples as black dots, each with its update as a red arrow: an update `size` long
+    (default: their 90th percentile) is drawn `length` long, as a key under the panel shows. Returns the quiver."""
+    x, update = as_numpy(x)[:ARROWS], as_numpy(update)[:ARROWS]
+    size = size or update_size([update])
+    q = ax.quiver(x[:, 0], x[:, 1], update[:, 0], update[:, 1], angles="xy", scale_units="xy",
+                  scale=size / length, color="C3", width=0.007, headwidth=3.5, headlength=4, zorder=4)
+    ax.scatter(x[:, 0], x[:, 1], s=9, c="k", edgecolors="white", linewidths=0.4, zorder=5)
+    if key:
+        key = float(f"{size:.1g}")                                               # a round length near `size`
+        ax.quiverkey(q, 0.62, -0.05, key, f"update {key:g}", labelpos="E", fontproperties=dict(size=8))
+    return q
+
+
+LEGEND = ("orange +: the data's modes    black dots: the generator's samples x = G(z)\n"
+          "red arrows: each sample's DMD update -grad = w (mu_real - mu_fake), averaged over the noise "
+          "(scale: the key)\n"
+          "colour: the length of the field drawn, one scale per row    grey lines: the field's streamlines")
+
+
+def _figure(width, row_height, rows, legend):
+    """A figure of `rows` subfigures under a header holding the legend."""
+    fig = plt.figure(figsize=(width, row_height * rows + 0.65), dpi=DPI)
+    header, body = fig.subfigures(2, 1, height_ratios=[0.65, row_height * rows])
+    header.text(0.01, 0.1, legend, fontsize=9, ha="left", va="bottom")
+    return fig, body.subfigures(rows, 1, squeeze=False)[:, 0]
+
+
+def _panel_row(subfig, n, caption):
+    """n square panels and a thin colour-bar axes in one subfigure, with the caption (wrapped) under them."""
+    import textwrap
+
+    axes = subfig.subplots(1, n + 1, gridspec_kw=dict(width_ratios=[1] * n + [0.06]))
+    subfig.subplots_adjust(left=0.01, right=0.99 - 0.2 / n, top=0.9, bottom=0.2 if caption else 0.02, wspace=0.06)
+    if caption:
+        subfig.text(0.02, 0.01, textwrap.fill(caption, 140), fontsize=9, ha="left", va="bottom")
+    return axes[:-1], axes[-1]
+
+
+def score_rows(rows, centers, captions=None, size=3.0):
+    """One row per noise level (each from dmd_fields): the real score, the fake score, and s_real - s_fake with
+    the samples and their updates; a row's three panels share one colour scale (|score|), its caption below."""
+    fig, subfigs = _figure(3 * size + 0.7, size + 0.75, len(rows), LEGEND)
+    c = as_numpy(centers)
+    for subfig, f, caption in zip(subfigs, rows, captions or [None] * len(rows)):
+        (real, fake, difference), cax = _panel_row(subfig, 3, caption)
+        diff = f["s_real"] - f["s_fake"]
+        levels = shared_levels(f["grid"], [f["s_real"], f["s_fake"], diff])
+        image = score_map(real, f["grid"], f["s_real"], levels, f"real score s_real (teacher), sigma = {f['sigma']:g}")
+        real.scatter(c[:, 0], c[:, 1], marker="+", s=30, c="C1", linewidths=1.2, zorder=3)
+        score_map(fake, f["grid"], f["s_fake"], levels, "fake score s_fake, with the samples")
+        fake.scatter(f["x"][:, 0], f["x"][:, 1], s=2, c="k", linewidths=0, alpha=0.6, zorder=3, rasterized=True)
+        score_map(difference, f["grid"], diff, levels, "s_real - s_fake; update at samples")
+        samples_with_updates(difference, f["x"], f["update"])
+        subfig.colorbar(image, cax=cax, label="|score|", format="%.2g")
+    return fig
+
+
+def training_strip(snapshots, centers, captions=None, size=2.4):
+    """The generator and its fake score over training, one column per snapshot {step, fields} (fields from
+    dmd_fields, all at one sigma). Top: the samples and the fake score s_fake; bottom: s_real - s_fake with
+    the samples' updates. Each row has one colour scale, and the arrows one length scale, across the steps."""
+    legend = LEGEND.replace("one scale per row", "one scale per row, across the steps")
+    fig, (top, bottom) = _figure(len(snapshots) * size + 0.6, size + 0.75, 2, legend)
+    captions = captions or [None, None]
+    fields = [s["fields"] for s in snapshots]
+    grid, c = fields[0]["grid"], as_numpy(centers)
+
+    axes, cax = _panel_row(top, len(snapshots), captions[0])
+    levels = shared_levels(grid, [f["s_fake"] for f in fields])
+    for ax, snap, f in zip(axes, snapshots, fields):
+        image = score_map(ax, grid, f["s_fake"], levels, f"step {snap['step']}: s_fake, sigma = {f['sigma']:g}")
+        ax.scatter(f["x"][:, 0], f["x"][:, 1], s=1.5, c="k", linewidths=0, alpha=0.6, zorder=3, rasterized=True)
+        ax.scatter(c[:, 0], c[:, 1], marker="+", s=25, c="C1", linewidths=1.0, zorder=4)
+    top.colorbar(image, cax=cax, label="|score|", format="%.2g")
+
+    axes, cax = _panel_row(bottom, len(snapshots), captions[1])
+    diffs = [f["s_real"] - f["s_fake"] for f in fields]
+    levels, arrow_size = shared_levels(grid, diffs), update_size([f["update"] for f in fields])
+    for ax, snap, f, diff in zip(axes, snapshots, fields, diffs):
+        image = score_map(ax, grid, diff, levels, f"step {snap['step']}: s_real - s_fake")
+        samples_with_updates(ax, f["x"], f["update"], arrow_size, length=0.6, key=ax is axes[-1])
+    bottom.colorbar(image, cax=cax, label="|score|", format="%.2g")
+    return fig
+
+
+def small_png(fig, colors=128):
+    """fig as a PNG of `colors` palette colours, for a notebook to show, and closed: about a quarter of the bytes
+    of matplotlib's own PNG for the dense figures above, so the committed notebooks stay small."""
+    import io
+
+    from IPython.display import Image
+    from PIL import Image as PILImage
+
+    rendered, small = io.BytesIO(), io.BytesIO()
+    fig.savefig(rendered, format="png", bbox_inches="tight")
+    plt.close(fig)
+    rgb = PILImage.open(rendered).convert("RGB")
+    palette = rgb.quantize(colors, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE)
+    palette.save(small, "png", optimize=True)
+    return Image(small.getvalue())

@@ -1,0 +1,104 @@
+"""Tutorial 03's pictures of the DMD gradient draw what dmd_loss computes, on one colour scale per row.
+
+Oracle: the real data is N(a, s^2 I) and the generator's N(b, s^2 I), both exact (gaussian.py). Then
+mu_real - mu_fake = sigma^2 / (s^2 + sigma^2) (a - b) at every x_t, so s_real - s_fake = (a - b) / (s^2 + sigma^2)
+everywhere, and every sample's update -grad = w (mu_real - mu_fake) points from b to a, whatever the noise.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.contour  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.quiver  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dmd_minimal import viz  # noqa: E402
+from dmd_minimal.gaussian import GaussianMixtureDenoiser  # noqa: E402
+
+A, B, S = (3.0, 0.0), (-3.0, 0.0), 0.5          # the real and the fake mean, their std
+SIGMAS = (0.5, 2.0)
+
+
+@pytest.fixture
+def rows():
+    real, fake = GaussianMixtureDenoiser([A], S), GaussianMixtureDenoiser([B], S)
+    x = fake.sample(30, torch.Generator().manual_seed(0))                       # [30, 2] the "generator's" samples
+    return [viz.dmd_fields(real, fake, x, sigma, n=9, num_noise=4) for sigma in SIGMAS]
+
+
+def bands(ax):
+    """The filled contours of |field| that score_map drew on ax."""
+    (contours,) = [c for c in ax.collections if isinstance(c, matplotlib.contour.ContourSet)]
+    return contours
+
+
+def magnitude_of_difference(sigma):
+    return np.hypot(A[0] - B[0], A[1] - B[1]) / (S**2 + sigma**2)
+
+
+def test_dmd_fields_against_the_closed_form(rows):
+    for f in rows:
+        diff = f["s_real"] - f["s_fake"]                                         # [81, 2]
+        np.testing.assert_allclose(diff, np.tile([magnitude_of_difference(f["sigma"]), 0.0], (81, 1)), atol=1e-4)
+        direction = f["update"] / np.linalg.norm(f["update"], axis=1, keepdims=True)
+        np.testing.assert_allclose(direction, np.tile([1.0, 0.0], (30, 1)), atol=1e-5)   # -grad: from fake to real
+
+
+def test_dmd_fields_leave_the_random_stream_alone(rows):
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    real, fake = GaussianMixtureDenoiser([A], S), GaussianMixtureDenoiser([B], S)
+    again = viz.dmd_fields(real, fake, torch.zeros(5, 2), 1.0, n=5, num_noise=2)
+    torch.testing.assert_close(torch.rand(3), expected)
+    np.testing.assert_array_equal(again["update"], viz.dmd_fields(real, fake, torch.zeros(5, 2), 1.0, n=5,
+                                                                  num_noise=2)["update"])
+
+
+def test_score_rows(rows):
+    fig = viz.score_rows(rows, torch.tensor([A]), captions=["first row says", "second row says"])
+    body = fig.subfigs[1]
+    assert len(body.subfigs) == len(SIGMAS)
+    scales = []
+    for subfig, f, caption in zip(body.subfigs, rows, ["first row says", "second row says"]):
+        axes = subfig.axes
+        assert len(axes) == 4                                                    # real, fake, difference, colour bar
+        levels = [tuple(bands(ax).levels) for ax in axes[:3]]
+        assert len(set(levels)) == 1                                             # one colour scale in the row
+        scales.append(levels[0][-1])
+        assert scales[-1] >= magnitude_of_difference(f["sigma"])                 # the difference is not off the scale
+        quiver = axes[2].collections[-2]                                         # the update arrows, then the dots
+        assert isinstance(quiver, matplotlib.quiver.Quiver)
+        np.testing.assert_allclose(quiver.get_offsets(), f["x"])                 # one arrow at each sample
+        np.testing.assert_allclose(np.stack([quiver.U, quiver.V], 1), f["update"], rtol=1e-6)
+        assert quiver.U.min() > 0 and np.allclose(quiver.V, 0, atol=1e-5)       # pointing from the fake to the real
+        assert caption in [t.get_text() for t in subfig.texts]
+    assert scales[0] != scales[1]                                                # the scale belongs to the row
+    plt.close(fig)
+
+
+def test_training_strip(rows):
+    snapshots = [dict(step=step, fields=f) for step, f in zip((0, 10), rows)]
+    fig = viz.training_strip(snapshots, torch.tensor([A]))
+    top, bottom = fig.subfigs[1].subfigs
+    for subfig in (top, bottom):
+        assert len(subfig.axes) == len(snapshots) + 1                          # a panel per step, a colour bar
+        assert len({tuple(bands(ax).levels) for ax in subfig.axes[:-1]}) == 1     # one colour scale across the steps
+    quivers = [ax.collections[-2] for ax in bottom.axes[:-1]]
+    assert len({q.scale for q in quivers}) == 1                                  # one arrow scale across the steps
+    assert [ax.get_title() for ax in top.axes[:-1]] == ["step 0: s_fake, sigma = 0.5", "step 10: s_fake, sigma = 2"]
+    plt.close(fig)
+
+
+def test_small_png_is_a_palette_png_and_closes_the_figure(rows):
+    import io
+
+    from PIL import Image
+
+    fig = viz.score_rows(rows, torch.tensor([A]))
+    shown = viz.small_png(fig, colors=64)
+    assert not plt.fignum_exists(fig.number)
+    image = Image.open(io.BytesIO(shown.data))
+    assert image.format == "PNG" and image.mode == "P" and len(image.getcolors()) <= 64
