@@ -18,7 +18,7 @@ from .utils import DMDError, check_option
 @dataclass
 class Config:
     # run
-    dataset: str = "toy2d"             # toy2d, or images: cifar10, imagenet64, fashion-mnist, mnist, folder (your own images in DATA_DIR), shapes (16x16, procedural)
+    dataset: str = "toy2d"             # toy2d; images: cifar10, imagenet64, fashion-mnist, mnist, folder (DATA_DIR's), shapes
     toy: str = "grid25"                # toy2d data: grid25, ring8, moons, checkerboard, swissroll
     out: str = ""                      # output folder (default runs/<dataset>-<toy>); rerunning resumes it
     stage: str = "dmd"                 # run up to: teacher, pairs or dmd; each stage reuses what OUT holds
@@ -28,14 +28,14 @@ class Config:
     device: str = ""                   # cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)
     precision: str = ""                # fp32, bf16 or fp16 autocast of the networks (default: bf16 on CUDA, else fp32)
     # images (teacher training from scratch; distillation itself needs only the teacher and its pairs)
-    data_dir: str = ""                 # training images (see data.py for the formats; fashion-mnist: Debian's folder when installed)
+    data_dir: str = ""                 # training images (data.py; fashion-mnist: Debian's folder when installed)
     download: bool = False             # fetch CIFAR-10, MNIST or Fashion-MNIST into DATA_DIR if missing
     resolution: int = 0                # image side (presets: 32, 64, 16); the teacher must match it
     unconditional: bool = False        # ignore the class labels (CIFAR-10: EDM's uncond-vp teacher)
     model_channels: int = 0            # width of an image teacher trained here (0: TEACHER_NETWORKS' width)
-    channel_mult: str = ""             # its depth: width multipliers per resolution, e.g. 1,2,2 (default: TEACHER_NETWORKS')
+    channel_mult: str = ""             # its depth: width factor per resolution, e.g. 1,2,2 (TEACHER_NETWORKS')
     num_blocks: int = 0                # its residual blocks per resolution (0: TEACHER_NETWORKS')
-    xflip: bool = False                # teacher training: flip half the images left-right (EDM's x-flip; not for digits)
+    xflip: bool = False                # teacher: flip half the images left-right (EDM's x-flip; not for digits)
     # networks (the teacher's; generator and fake score are copies of it)
     arch: str = "mlp"                  # backbone of a toy2d teacher (image teachers: TEACHER_NETWORKS)
     hidden: int = 128                  # MLP width
@@ -49,7 +49,7 @@ class Config:
     teacher_batch: int = 1024          # batch size
     teacher_lr: float = 2e-3           # Adam learning rate, cosine-decayed to 0
     teacher_ema: float = 0.999         # EMA decay of the weights kept as the teacher
-    teacher_ema_rampup: float = 0.0    # EDM's EMA ramp-up: half-life at most this share of the images seen (EDM 0.05; 0: off)
+    teacher_ema_rampup: float = 0.0    # EDM's ramp-up: EMA half-life <= this share of images seen (EDM 0.05)
     P_mean: float = -1.2               # ln(sigma) ~ N(P_mean, P_std^2) (EDM)
     P_std: float = 1.2                 # (see P_mean)
     # regression pairs (DMD §3.3)

@@ -102,7 +102,8 @@ def load_dataset(name, data_dir=None, download=False, resolution=None, split="tr
     elif name == "folder":
         dataset = ImageFolderZip(data_dir)
     else:
-        dataset = load_cifar10(os.fspath(data_dir), download) if name == "cifar10" else load_imagenet64(os.fspath(data_dir))
+        data_dir = os.fspath(data_dir)
+        dataset = load_cifar10(data_dir, download) if name == "cifar10" else load_imagenet64(data_dir)
     if resolution and dataset.resolution != resolution:
         side = dataset.resolution
         raise DMDError(f"{data_dir} holds {side}x{side} images, not {resolution}x{resolution}: "

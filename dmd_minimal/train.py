@@ -321,7 +321,8 @@ def run_dmd(cfg, nets, training, pairs, state, out):
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
     if grids:
-        write_samples(shown, nets["teacher"], out / "samples.png", seed=cfg.seed + 1, class_names=CLASS_NAMES.get(cfg.dataset))
+        write_samples(shown, nets["teacher"], out / "samples.png", seed=cfg.seed + 1,
+                      class_names=CLASS_NAMES.get(cfg.dataset))
         curves = " curves.png" if monitor and monitor.scorer else ""
         print(f"wrote {out}/: checkpoint.pt log.jsonl samples.png{curves} grids/ (teacher.png: its {cfg.pair_steps}-step ODE)")
 
