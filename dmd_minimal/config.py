@@ -55,12 +55,13 @@ class Config:
     # regression pairs (DMD §3.3)
     num_pairs: int = 20000             # noise -> teacher-output pairs
     pair_steps: int = 18               # Heun steps of the teacher's ODE for each pair
+    regression_batch: int = 0          # pairs per regression batch of all processes together (0: --batch-size, DMD's choice)
     regression_loss: str = ""          # lpips (VGG) or l2 (squared error) (default: lpips for images, l2 for toy2d)
     lpips_resolution: int = 224        # LPIPS sees images upsampled bilinearly to this side (DMD: 224)
     lpips_pooling: str = "avg"         # VGG16's pooling in LPIPS: avg (PIQ's, as DMD used it) or max (the original)
     # DMD
     dmd_steps: int = 2000              # generator updates
-    batch_size: int = 1024             # distribution-matching batch of all processes together (regression: as large)
+    batch_size: int = 1024             # distribution-matching batch of all processes together
     lr: float = 1e-3                   # AdamW learning rate of the generator
     fake_lr: float = 1e-3              # AdamW learning rate of the fake score
     weight_decay: float = 0.01         # AdamW weight decay (both networks)
@@ -172,7 +173,7 @@ CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
            "lpips_pooling": ("avg", "max")}
 # The range of each numeric field (validate); every float must also be finite.
 AT_LEAST = {0: ("seed", "resolution", "model_channels", "num_blocks", "teacher_ema_rampup", "sigma_data",
-                "weight_decay", "warmup_steps", "lambda_reg", "grid_size", "dm_min_level", "eval_every"),
+                "regression_batch", "weight_decay", "warmup_steps", "lambda_reg", "grid_size", "dm_min_level", "eval_every"),
             1: ("hidden", "depth", "teacher_steps", "teacher_batch", "num_pairs", "pair_steps", "lpips_resolution",
                 "dmd_steps", "batch_size", "fake_steps_per_generator_step", "max_skipped_steps", "log_every",
                 "checkpoint_every", "keep_checkpoints", "sample_every"),
@@ -205,9 +206,15 @@ def validate(cfg):
         check("sigma_data", cfg.sigma_data > 0, f"> 0 for {cfg.dataset}")
     if cfg.dataset not in ("toy2d", "folder"):   # a folder's images have their own resolution (0: take it)
         check("resolution", cfg.resolution >= 1, f">= 1 for {cfg.dataset}")
-    if cfg.lambda_reg > 0 and cfg.num_pairs < cfg.batch_size:
-        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch "
-                       f"(--batch-size {cfg.batch_size})")
+    if cfg.lambda_reg > 0 and cfg.num_pairs < regression_batch(cfg):
+        flag = f"--regression-batch {cfg.regression_batch}" if cfg.regression_batch else f"--batch-size {cfg.batch_size}"
+        raise DMDError(f"--num-pairs {cfg.num_pairs} is smaller than one regression batch ({flag}); "
+                       f"fewer pairs need a smaller --regression-batch")
+
+
+def regression_batch(cfg):
+    """Pairs per regression batch, all processes together: --regression-batch, or as many as --batch-size (DMD §3.3)."""
+    return cfg.regression_batch or cfg.batch_size
 
 
 def field_help():
