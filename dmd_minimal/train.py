@@ -187,6 +187,17 @@ def trainable_copy(teacher):
 def train(cfg):
     """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
+    threads = torch.get_num_threads()
+    if cfg.dataset == "toy2d":   # a 128-wide MLP gains nothing from a second thread, and beside another busy
+        torch.set_num_threads(1)   # process two threads wait on each other: 2-3x slower (README, Run)
+    try:
+        return run_stages(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_stages(cfg):
+    """train(cfg) once cfg is resolved: the teacher, its pairs and DMD, each reused from cfg.out where done."""
     out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
     check_writable(out)   # now, not after the teacher has trained
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
