@@ -63,7 +63,8 @@ def test_regression_batches_smaller_than_the_batch(teacher_path, tmp_path, monke
     monkeypatch.setattr(train_module, "regression_loss", lambda x, y, *a: seen.append((len(x), y)) or regress(x, y, *a))
     dm_batches = []
     dmd_loss = train_module.distribution_matching_loss
-    monkeypatch.setattr(train_module, "distribution_matching_loss", lambda x, g: dm_batches.append(len(x)) or dmd_loss(x, g))
+    monkeypatch.setattr(train_module, "distribution_matching_loss",
+                        lambda x, grad: dm_batches.append(len(x)) or dmd_loss(x, grad))
     train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=4, **dict(TINY, num_pairs=32, regression_batch=16,
                                                                               num_eval=100)))
     assert [n for n, _ in seen] == [16] * 4 and dm_batches == [256] * 4
