@@ -9,8 +9,9 @@ trained (the toy2d preset) and reused; then, at each pair count, full DMD and re
 (--no-distribution-matching) distil it with the preset's budget. The regression batch is
 min(pairs, --batch-size) (--regression-batch). Besides the mode metrics, the copying distance
 |G(z) - teacher ODE(z)| on held-out noise and on the training pairs tells learning the teacher's map
-from memorising its pairs. Prints a markdown table (mean ± std over seeds), writes it and a figure into
---out. Every run is an ordinary `train(cfg)` folder, so a rerun reuses what is finished.
+from memorising its pairs. Prints a markdown table (mean ± std over seeds) and writes it and a figure
+into --out (pair_sweep_<toys>.md and .png). Every run is an ordinary `train(cfg)` folder, so a rerun
+reuses what is finished.
 """
 import argparse
 import dataclasses
@@ -104,9 +105,10 @@ def main():
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table + "\n")
-    figure(results, teacher_share, out / "pair_sweep.png")
-    print(f"\nwrote {out}/table.md and {out}/pair_sweep.png")
+    name = "pair_sweep_" + "_".join(args.toys)
+    (out / f"{name}.md").write_text(table + "\n")
+    figure(results, teacher_share, out / f"{name}.png")
+    print(f"\nwrote {out}/{name}.md and {out}/{name}.png")
 
 
 if __name__ == "__main__":
