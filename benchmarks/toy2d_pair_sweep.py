@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dmd_minimal.config import make_config  # noqa: E402
+from dmd_minimal.toy2d import mixture_centers  # noqa: E402
 from dmd_minimal.train import train  # noqa: E402
 
 VARIANTS = {"DMD": {}, "regression only": dict(distribution_matching=False)}
@@ -65,12 +66,14 @@ def figure(results, teacher_share, path):
     for j, toy in enumerate(toys):
         for i, (key, label) in enumerate((("high_quality", "high-quality share"), ("modes", "modes covered"))):
             ax = axes[i, j]
-            for name, by_count in results[toy].items():
+            for (name, by_count), style in zip(results[toy].items(), ("-", "--")):
                 counts = sorted(by_count)
                 values = np.array([[m[key] for m in by_count[c]] for c in counts], dtype=float)
-                ax.errorbar(counts, values.mean(1), yerr=values.std(1), marker="o", capsize=3, label=name)
+                ax.errorbar(counts, values.mean(1), yerr=values.std(1), marker="o", ls=style, capsize=3, label=name)
             if key == "high_quality":
-                ax.axhline(statistics.fmean(teacher_share[toy]), color="gray", ls="--", label="teacher, Heun 18")
+                ax.axhline(statistics.fmean(teacher_share[toy]), color="gray", ls=":", label="teacher, Heun 18")
+            else:   # from 0 to every mode
+                ax.set_ylim(0, len(mixture_centers(toy)) + 1)
             ax.set(xscale="log", xlabel="regression pairs", ylabel=label, title=f"{toy}: {label}")
             ax.grid(alpha=0.3)
         axes[0, j].legend(fontsize=8)
