@@ -10,6 +10,7 @@ All variants train with --lambda-reg 0 (distribution matching alone) and distil 
   in place of the trained teacher, to separate the teacher's error from the method's.
 - "DM only, DMD2 rule": 5 fake-score steps per generator step (arXiv 2405.14867) and 10x lower
   learning rates than the preset's (lr 1e-3, fake lr 5e-4).
+- "DM only, lower learning rates": the same rates with one fake-score step, to tell the two apart.
 - "DM only, spread start": the generator starts from a regression-only run of --start-steps steps,
   which already covers the modes, instead of the teacher's one-step prediction.
 Then `push` measures the claim: at a point mass every sample x = G(z) is the same point, so the DMD
@@ -35,6 +36,7 @@ VARIANTS = {   # name: config overrides
     "DM only": dict(lambda_reg=0.0),
     "DM only, exact real score": dict(lambda_reg=0.0),
     "DM only, DMD2 rule": dict(lambda_reg=0.0, fake_steps_per_generator_step=5, lr=1e-3, fake_lr=5e-4),
+    "DM only, lower learning rates": dict(lambda_reg=0.0, lr=1e-3, fake_lr=5e-4),   # the rule's rates, 1 fake step
     "DM only, spread start": dict(lambda_reg=0.0),
 }
 
