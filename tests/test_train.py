@@ -179,7 +179,7 @@ BAD_NUMBERS = [   # (main, argv, the error's text after "error: ")
     ]],
     (train_main, ["--num-pairs", "32", "--regression-batch", "64"],
      "--num-pairs 32 is smaller than one regression batch (--regression-batch 64)"),
-    (train_main, ["--num-pairs", "32"], "--num-pairs 32 is smaller than one regression batch (--batch-size 256)"),
+    (train_main, ["--num-pairs", "32"], "--num-pairs 32 is smaller than one regression batch (--batch-size 512)"),
     (train_main, ["--eval-every", "5", "--eval-num", "3"], "--eval-num must be >= 4 with --eval-every, not 3"),
     (train_main, ["--dm-min-level", "-1"], "--dm-min-level must be >= 0, not -1"),
     (train_main, ["--dm-min-level", "990"],
