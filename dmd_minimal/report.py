@@ -10,6 +10,7 @@ import torch
 
 from .metrics import toy_metrics
 from .networks import sample_shape
+from .pairs import heun_sampler
 from .plots import image_grid, loss_curves, sample_panels, scatter_panels
 from .sampler import sample_ode
 from .toy2d import sample_toy
@@ -55,9 +56,27 @@ def write_samples(generator, teacher, path, steps=18, seed=0, class_names=None, 
                   columns, names, path)
 
 
+def copying_distance(x, y):
+    """Mean Euclidean distance |x_i - y_i| between generator outputs x [N, ...] and the teacher's ODE outputs y."""
+    return float((x - y).flatten(1).norm(dim=1).mean())
+
+
 @torch.no_grad()
-def report_toy(cfg, nets, history, out):
-    """samples.npz, metrics.json and the pictures, all from the same fixed noise z."""
+def copying(generator, teacher, z, sampler, pairs=None, num=10000):
+    """How far G follows the teacher's noise -> sample map, not only its distribution: the copying distance
+    on held-out noise z (to the teacher's ODE with the pairs' sampler, pairs.heun_sampler) and on the first
+    `num` training pairs (None without pairs). Memorised pairs show as a small distance on the pairs only."""
+    held_out = copying_distance(generator(z), sample_ode(teacher, z, **sampler))
+    if pairs is None:
+        return dict(copy_heldout=held_out, copy_pairs=None)
+    i = torch.arange(min(num, len(pairs["z"])))
+    z_pair, y = pairs["z"][i].to(z.device), pairs["y"][i].to(z.device)
+    return dict(copy_heldout=held_out, copy_pairs=copying_distance(generator(z_pair), y))
+
+
+@torch.no_grad()
+def report_toy(cfg, nets, history, out, pairs=None):
+    """samples.npz, metrics.json and the pictures, all from the same fixed noise z (pairs: for the copying distance)."""
     z = torch.randn(cfg.num_eval, 2, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
     samples = {
         "teacher, Heun 18 steps (35 NFE)": sample_ode(nets["teacher"], z, 18).cpu(),
@@ -67,6 +86,8 @@ def report_toy(cfg, nets, history, out):
     names = dict(zip(samples, ("teacher_heun18", "teacher_euler1", "generator")))
     nfe = dict(teacher_heun18=35, teacher_euler1=1, generator=1)
     metrics = {names[k]: dict(nfe=nfe[names[k]], **toy_metrics(x, cfg.toy, cfg.seed)) for k, x in samples.items()}
+    sampler = heun_sampler(cfg.pair_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)   # the pairs' ODE
+    metrics["generator"].update(copying(nets["generator"], nets["teacher"], z, sampler, pairs, cfg.num_eval))
     atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     atomic_write(out / "samples.npz", lambda f: np.savez(f, x=samples["one-step generator"].numpy()))
     data = sample_toy(cfg.toy, cfg.num_eval, torch.Generator().manual_seed(cfg.seed + 2))
@@ -80,7 +101,9 @@ def report_toy(cfg, nets, history, out):
 
 
 def print_metrics(metrics):
-    columns = list(next(iter(metrics.values())))
-    print(f"{'':16}" + "".join(f"{c:>17}" for c in columns))
+    """metrics.json as a table; '-' where a row has no such value (copying: the generator only)."""
+    columns = list(dict.fromkeys(c for row in metrics.values() for c in row))
+    cell = lambda v: f"{'-':>16}" if v is None else f"{v:>16.4g}"   # noqa: E731
+    print(f"{'':16}" + "".join(f"{c:>16}" for c in columns))
     for name, row in metrics.items():
-        print(f"{name:16}" + "".join(f"{row[c]:>17.4g}" for c in columns))
+        print(f"{name:16}" + "".join(cell(row.get(c)) for c in columns))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import dist
 from .checkpoint import checkpoint_to_resume, redo_advice, resume, save_checkpoint
-from .config import CHOICES, parse_config, validate
+from .config import CHOICES, parse_config, regression_batch, validate
 from .data import CLASS_NAMES, batch_indices
 from .dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss, lpips_vgg,
                        regression_loss, sigma_levels)
@@ -164,6 +164,8 @@ def resolve(cfg):
     _, world_size, device = dist.setup(cfg.device)
     if cfg.batch_size % world_size:
         raise DMDError(f"--batch-size {cfg.batch_size} does not split evenly across {world_size} processes")
+    if cfg.regression_batch % world_size:
+        raise DMDError(f"--regression-batch {cfg.regression_batch} does not split evenly across {world_size} processes")
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")   # DMD2: fp16 diverges, bf16 works
     if precision == "fp16" and device.type != "cuda":
         raise DMDError("--precision fp16 needs CUDA (for its GradScaler): use bf16 or fp32 on a CPU")
@@ -185,6 +187,17 @@ def trainable_copy(teacher):
 def train(cfg):
     """Run the stages of cfg into cfg.out; returns the generator (or, for --stage teacher / pairs, those)."""
     cfg = resolve(cfg)
+    threads = torch.get_num_threads()
+    if cfg.dataset == "toy2d":   # a 128-wide MLP gains nothing from a second thread, and beside another busy
+        torch.set_num_threads(1)   # process two threads wait on each other: 2-3x slower (README, Run)
+    try:
+        return run_stages(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_stages(cfg):
+    """train(cfg) once cfg is resolved: the teacher, its pairs and DMD, each reused from cfg.out where done."""
     out, device = Path(cfg.out), torch.device(cfg.device)   # files are written atomically, folders made as needed
     check_writable(out)   # now, not after the teacher has trained
     if device.type == "cuda":   # TF32 matmuls and convolutions for what runs in fp32
@@ -218,7 +231,7 @@ def train(cfg):
     run_dmd(cfg, nets, training, pairs, state, out)
     generator = nets["generator_ema"] or dist.unwrap(nets["generator"])
     if dist.rank() == 0 and cfg.dataset == "toy2d":
-        report_toy(cfg, dict(nets, generator=generator), state["history"], out)
+        report_toy(cfg, dict(nets, generator=generator), state["history"], out, pairs)
     return generator
 
 
@@ -265,8 +278,8 @@ def run_dmd(cfg, nets, training, pairs, state, out):
     """DMD iterations from state['step'] to cfg.dmd_steps, with logs, grids, checkpoints and Ctrl-C."""
     device, rank, main_process = torch.device(cfg.device), dist.rank(), dist.rank() == 0
     levels = sigma_levels(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, device)
-    batch_size = cfg.batch_size // dist.world_size()
-    batches = pair_batches(pairs, batch_size, cfg.seed, state["step"]) if cfg.lambda_reg > 0 else None
+    pair_batch_size = regression_batch(cfg) // dist.world_size()   # this process's share
+    batches = pair_batches(pairs, pair_batch_size, cfg.seed, state["step"]) if cfg.lambda_reg > 0 else None
     shown = nets["generator_ema"] or dist.unwrap(nets["generator"])   # what the grids show
     grids = main_process and cfg.dataset != "toy2d" and cfg.grid_size > 0
     if grids:

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from dmd_minimal.metrics import energy_distance, mode_metrics, toy_metrics
-from dmd_minimal.toy2d import SAMPLERS, mixture_centers, sample_toy
+from dmd_minimal.pairs import generate_pairs, heun_sampler
+from dmd_minimal.report import copying, copying_distance
+from dmd_minimal.sampler import sample_ode
+from dmd_minimal.toy2d import SAMPLERS, exact_denoiser, mixture_centers, sample_toy
 
 
 @pytest.mark.parametrize("toy", sorted(SAMPLERS))
@@ -46,3 +49,21 @@ def test_energy_distance_separates():
     x, y = torch.randn(3000, 2), torch.randn(3000, 2)
     assert abs(energy_distance(x, y)) < 0.01
     assert energy_distance(x, y + 1.0) > 0.3
+
+
+def test_copying_distance_is_zero_for_the_teachers_ode_map():
+    """The copying distance (report.copying) measures the noise -> sample map, not only the distribution:
+    0 for the teacher's own ODE, on fresh noise and on the pairs; large for its one-step prediction and for
+    z -> ODE(-z), which makes the same (symmetric) grid25 distribution from other noise."""
+    teacher = exact_denoiser("grid25")
+    sampler = heun_sampler(6)
+    pairs = generate_pairs(teacher, range(50), (2,), seed=3, num_steps=6)   # the same Heun ODE as `sampler`
+    z = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    ode = lambda z: sample_ode(teacher, z, **sampler)   # noqa: E731
+    exact = copying(ode, teacher, z, sampler, pairs)
+    assert exact["copy_heldout"] < 1e-5 and exact["copy_pairs"] < 1e-5
+    for other in (lambda z: sample_ode(teacher, z, 1), lambda z: ode(-z)):
+        far = copying(other, teacher, z, sampler, pairs)
+        assert far["copy_heldout"] > 1 and far["copy_pairs"] > 1   # grid points lie 2 apart
+    assert copying(ode, teacher, z, sampler)["copy_pairs"] is None   # a run without pairs
+    assert copying_distance(torch.zeros(4, 2), torch.tensor([[3.0, 4.0]] * 4)) == pytest.approx(5.0)

@@ -55,6 +55,26 @@ def test_real_score_only_collapses(teacher_path, tmp_path):
     assert not (tmp_path / "pairs").exists()                  # no regression loss: no pairs to make
 
 
+def test_regression_batches_smaller_than_the_batch(teacher_path, tmp_path, monkeypatch):
+    """32 pairs against a distribution-matching batch of 256 (--regression-batch 16): each generator step
+    regresses 16 pairs, and two steps in a row see all 32; metrics.json reports the copying distances."""
+    import dmd_minimal.train as train_module
+    seen = []   # (regression batch, its targets y)
+    regress = train_module.regression_loss
+    monkeypatch.setattr(train_module, "regression_loss", lambda x, y, *a: seen.append((len(x), y)) or regress(x, y, *a))
+    dm_batches = []
+    dmd_loss = train_module.distribution_matching_loss
+    monkeypatch.setattr(train_module, "distribution_matching_loss",
+                        lambda x, grad: dm_batches.append(len(x)) or dmd_loss(x, grad))
+    train(Config(out=str(tmp_path), teacher=teacher_path, dmd_steps=4, **dict(TINY, num_pairs=32, regression_batch=16,
+                                                                              num_eval=100)))
+    assert [n for n, _ in seen] == [16] * 4 and dm_batches == [256] * 4
+    y_all = torch.cat([y for _, y in seen[:2]])
+    assert len(torch.unique(y_all, dim=0)) == 32   # one epoch: every pair once
+    generator = json.loads((tmp_path / "metrics.json").read_text())["generator"]
+    assert generator["copy_heldout"] > 0 and generator["copy_pairs"] > 0
+
+
 def test_resume_continues_exactly(teacher_path, tmp_path):
     cfg = Config(teacher=teacher_path, dmd_steps=30, checkpoint_every=10, **dict(TINY, num_eval=100))
     train(dataclasses.replace(cfg, out=str(tmp_path / "straight")))
@@ -157,8 +177,11 @@ BAD_NUMBERS = [   # (main, argv, the error's text after "error: ")
         ("--sigma-max", "0.001", "> --sigma-min 0.002"),
         ("--dm-max-level", "1000", "in [--dm-min-level 20, --num-levels 1000)"),
         ("--eval-every", "-1", ">= 0"), ("--num-blocks", "-1", ">= 0"), ("--teacher-ema-rampup", "-0.05", ">= 0"),
-        ("--channel-mult", "1,x", "integers like 1,2,2"),
+        ("--channel-mult", "1,x", "integers like 1,2,2"), ("--regression-batch", "-1", ">= 0"),
     ]],
+    (train_main, ["--num-pairs", "32", "--regression-batch", "64"],
+     "--num-pairs 32 is smaller than one regression batch (--regression-batch 64)"),
+    (train_main, ["--num-pairs", "32"], "--num-pairs 32 is smaller than one regression batch (--batch-size 512)"),
     (train_main, ["--eval-every", "5", "--eval-num", "3"], "--eval-num must be >= 4 with --eval-every, not 3"),
     (train_main, ["--dm-min-level", "-1"], "--dm-min-level must be >= 0, not -1"),
     (train_main, ["--dm-min-level", "990"],
