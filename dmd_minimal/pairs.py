@@ -26,7 +26,7 @@ from . import dist
 from .load import load_denoiser
 from .networks import denoiser_hash, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_save, atomic_write, check_option, hide_progress, load_file, per_index_noise, reason
+from .utils import DMDError, atomic_save, atomic_write, check_at_least, check_option, hide_progress, load_file, per_index_noise, reason
 
 MANIFEST = "manifest.json"
 SAMPLER_KEYS = ("num_steps", "solver", "sigma_min", "sigma_max", "rho")   # sample_ode's settings
@@ -198,9 +198,7 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # set by torchrun
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
-        for flag, lowest in (("num", 1), ("steps", 1), ("batch_size", 1), ("shard_size", 1), ("seed", 0)):
-            value = getattr(args, flag)   # --steps 0 would make every regression target 0
-            check_option(value >= lowest, "--" + flag.replace("_", "-"), value, f">= {lowest}")
+        check_at_least(args, dict(num=1, steps=1, batch_size=1, shard_size=1, seed=0))   # --steps 0: targets all 0
         for flag in ("sigma_min", "rho"):
             check_option(math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0, "--" + flag.replace("_", "-"),
                          getattr(args, flag), "> 0")

@@ -7,8 +7,8 @@
 Sample i uses noise seeded by (seed, i) and class label i % num_classes, so the classes are balanced and
 any subset can be regenerated exactly, by the generator or the teacher from the same noise. Images are
 written as an .npz with `arr_0` uint8 [N, H, W, C] and `labels` [N] (what the ADM / guided-diffusion
-evaluator reads; C = 1 for grayscale data), a grid PNG beside it, and optionally one PNG per sample. Under torchrun every process
-draws every world_size-th batch and rank 0 writes the files.
+evaluator reads; C = 1 for grayscale data), a grid PNG beside it, and optionally one PNG per sample.
+Under torchrun every process draws every world_size-th batch and rank 0 writes the files.
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ from .generator import OneStepGenerator
 from .load import load_denoiser
 from .networks import denoiser_from_dict, sample_shape
 from .sampler import sample_ode
-from .utils import DMDError, atomic_write, check_option, check_writable, hide_progress, load_file, per_index_noise
+from .utils import DMDError, atomic_write, check_at_least, check_writable, hide_progress, load_file, per_index_noise
 
 
 def load_generator(path, ema=True):
@@ -116,9 +116,7 @@ def main(argv=None):
                              "returns it (--no-ema: the raw weights)")
     args = parser.parse_args(argv)
     try:
-        for flag, lowest in (("num", 1), ("batch_size", 1), ("teacher_steps", 0), ("seed", 0)):
-            value = getattr(args, flag)
-            check_option(value >= lowest, "--" + flag.replace("_", "-"), value, f">= {lowest}")
+        check_at_least(args, dict(num=1, batch_size=1, teacher_steps=0, seed=0))
         if not args.out.endswith(".npz"):
             raise DMDError(f"--out {args.out} must end in .npz")
         check_writable(os.path.dirname(os.path.abspath(args.out)))   # before the sampling, not after it

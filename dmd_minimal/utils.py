@@ -22,6 +22,13 @@ def check_option(ok, flag, value, must):
         raise DMDError(f"{flag} must be {must}, not {value}")
 
 
+def check_at_least(options, lowest):
+    """check_option for each of options' fields (argparse's namespace) against its lowest value {name: lowest}."""
+    for name, low in lowest.items():
+        value = getattr(options, name)
+        check_option(value >= low, "--" + name.replace("_", "-"), value, f">= {low}")
+
+
 def hide_progress(rank=0):
     """Whether to hide a tqdm bar: on every process but 0, and everywhere with TQDM_DISABLE=1 in the
     environment (tqdm itself reads that variable only where a call leaves `disable` unset)."""
