@@ -13,7 +13,7 @@ All variants train with --lambda-reg 0 (distribution matching alone) and distil 
 - "DM only, lower learning rates": the same rates with one fake-score step, to tell the two apart.
 - "DM only, spread start": the generator starts from a regression-only run of --start-steps steps,
   which already covers the modes, instead of the teacher's one-step prediction.
-Then `push` measures the claim: at a point mass every sample x = G(z) is the same point, so the DMD
+Then `report.expected_push` measures the claim: at a point mass every sample x = G(z) is the same point, so the DMD
 gradient can differ between samples only through the noise n of x_t = x + sigma n, which does not
 depend on z; its mean over noise, E_n[grad | z], is the same for every z and can move the point but not
 split it. Near a point mass, the script fits E_n[grad | z] as slope * (x - centre), at small and at
@@ -27,9 +27,9 @@ import torch
 
 import dmd_minimal.train as training
 from dmd_minimal.config import make_config
-from dmd_minimal.dmd_loss import draw_sigmas, sigma_levels
 from dmd_minimal.generator import OneStepGenerator
 from dmd_minimal.load import load_denoiser
+from dmd_minimal.report import expected_push
 from dmd_minimal.toy2d import exact_denoiser
 
 VARIANTS = {   # name: config overrides
@@ -88,27 +88,13 @@ def run(toy, seed, name, out, dmd_steps, start_steps):
     return json.loads((folder / "metrics.json").read_text()), folder
 
 
-@torch.no_grad()
-def push(checkpoint, real_score=None, num_z=256, draws=256, seed=0):
-    """The expected DMD update E_n[grad | z] at the generator's samples x = G(z), fitted as
-    slope * (x - centre) around the samples' centre, for small (grid indices 20-500, sigma 0.003-2.5) and
-    large noise levels (500-980, sigma 2.5-72): slope > 0 pulls the samples together (x - grad is the
-    update), slope < 0 spreads them. Also the samples' spread and the size of the mean push.
-    real_score: mu_real's denoiser (default: the run's teacher)."""
+def push(checkpoint, real_score=None, seed=0):
+    """report.expected_push of the run's final generator and fake score at 256 z (real_score: mu_real's
+    denoiser, default the run's teacher)."""
     teacher, fake_score = real_score or load_denoiser(checkpoint), load_denoiser(checkpoint, "fake_score")
     generator = OneStepGenerator(load_denoiser(checkpoint, "generator"))
-    levels = sigma_levels(1000)
-    torch.manual_seed(seed)
-    x = generator(torch.randn(num_z, 2))                                        # [Z, 2]
-    offset = x - x.mean(0)                                                      # [Z, 2]
-    result = dict(sample_std=float(offset.pow(2).sum(1).mean().sqrt()))
-    for name, (lo, hi) in (("small sigma", (20, 500)), ("large sigma", (500, 980))):
-        x_rep = x.repeat_interleave(draws, 0)                                   # [Z * D, 2]
-        sigma = draw_sigmas(levels, len(x_rep), lo, hi)
-        per_z = training.dmd_gradient(x_rep, sigma, teacher, fake_score).view(num_z, draws, 2).mean(1)   # [Z, 2]
-        result[f"mean push, {name}"] = float(per_z.mean(0).norm())
-        result[f"slope, {name}"] = float(((per_z - per_z.mean(0)) * offset).sum() / offset.pow(2).sum())
-    return result
+    torch.manual_seed(seed)   # z and the noise draws
+    return expected_push(generator, teacher, fake_score, torch.randn(256, 2))
 
 
 def main():

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import torch
 
+from .dmd_loss import dmd_gradient, draw_sigmas, sigma_levels
 from .metrics import toy_metrics
 from .networks import sample_shape
 from .pairs import heun_sampler
@@ -72,6 +73,34 @@ def copying(generator, teacher, z, sampler, pairs=None, num=10000):
     i = torch.arange(min(num, len(pairs["z"])))
     z_pair, y = pairs["z"][i].to(z.device), pairs["y"][i].to(z.device)
     return dict(copy_heldout=held_out, copy_pairs=copying_distance(generator(z_pair), y))
+
+
+PUSH_LEVELS = {"small sigma": (20, 500), "large sigma": (500, 980)}   # grid indices: sigma 0.003-2.5, 2.5-72
+
+
+@torch.no_grad()
+def expected_push(generator, teacher, fake_score, z, draws=256):
+    """Does the DMD update pull the generator's samples x = G(z) together or push them apart?
+
+    E_n[grad | z], the update of each sample averaged over `draws` noise draws n of x_t = x + sigma n,
+    fitted as slope * (x - centre) around the samples' centre, at small and at large noise levels
+    (PUSH_LEVELS: only the large ones see far-away modes). x - grad is the step, so slope > 0 pulls the
+    samples together and slope < 0 spreads them. At a point mass every x is the same, the update differs
+    between samples through n alone, and its mean cannot split the point: the slope times the spread is
+    what could. Returns the samples' spread (root mean square distance from the centre) and, per level
+    range, the size of the mean push and the slope.
+    """
+    x = generator(z)                                                             # [Z, ...]
+    offset = (x - x.mean(0)).flatten(1)                                          # [Z, d]
+    result = dict(sample_std=float(offset.pow(2).sum(1).mean().sqrt()))
+    levels = sigma_levels(device=x.device)
+    for name, (lo, hi) in PUSH_LEVELS.items():
+        x_rep = x.repeat_interleave(draws, 0)                                    # [Z * draws, ...]
+        grad = dmd_gradient(x_rep, draw_sigmas(levels, len(x_rep), lo, hi), teacher, fake_score)
+        per_z = grad.view(len(x), draws, -1).mean(1)                             # [Z, d]
+        result[f"mean push, {name}"] = float(per_z.mean(0).norm())
+        result[f"slope, {name}"] = float(((per_z - per_z.mean(0)) * offset).sum() / offset.pow(2).sum())
+    return result
 
 
 @torch.no_grad()

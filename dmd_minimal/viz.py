@@ -102,11 +102,12 @@ def image_grid(ax, images, title=None, nrow=8):
 
 
 def metrics_table(rows, digits=3):
-    """A Markdown table from {row name: {column: value}} (columns from the first row)."""
-    columns = list(next(iter(rows.values())))
+    """A Markdown table from {row name: {column: value}}: every row's columns, '-' where a row has none."""
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
     lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[c]:.{digits}g}" if isinstance(row[c], float) else str(row[c]) for c in columns]
+        values = [row.get(c) for c in columns]
+        cells = [f"{v:.{digits}g}" if isinstance(v, float) else "-" if v is None else str(v) for v in values]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -114,3 +114,17 @@ def test_lpips_pools_by_average_by_default_and_by_max_on_request(offline_lpips):
     assert lpips_vgg.__defaults__ == ("cpu", "avg")
     with pytest.raises(DMDError, match="pooling must be avg or max"):
         lpips_vgg(pooling="mean")
+
+
+@pytest.mark.parametrize("fake_std, sign", [(2.0, 1), (0.5, -1)])
+def test_expected_push_pulls_a_too_wide_generator_in_and_spreads_a_too_narrow_one(fake_std, sign):
+    # real N(0, I), generator G(z) = fake_std z with its exact fake score: mu_fake - mu_real =
+    # sigma^2 (b^2 - a^2) / ((a^2 + sigma^2)(b^2 + sigma^2)) x_t, so the mean update -grad points inward
+    # (slope > 0) when the generator is wider than the data and outward when narrower, at every sigma.
+    from dmd_minimal.report import expected_push
+    torch.manual_seed(0)
+    z = torch.randn(64, 2)
+    push = expected_push(lambda z: fake_std * z, isotropic_gaussian(2), isotropic_gaussian(2, std=fake_std), z, draws=64)
+    assert push["sample_std"] == pytest.approx(fake_std * z.sub(z.mean(0)).pow(2).sum(1).mean().sqrt().item())
+    for level in ("small sigma", "large sigma"):
+        assert sign * push[f"slope, {level}"] > 0.01   # large sigma: w = 1 / mean|x - mu_real| makes it small
