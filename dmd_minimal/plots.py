@@ -2,6 +2,7 @@
 import math
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")   # files only; notebooks switch to their inline backend themselves
 import matplotlib.pyplot as plt  # noqa: E402
@@ -32,6 +33,24 @@ def loss_curves(curves, path=None):
         ax.set(title=title, xlabel="step")
         if len(values) and min(values) > 0:
             ax.set_yscale("log")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def step_curves(curves, references, path=None, title="", ylabel=""):
+    """One panel: a line per {label: (steps, values)}, each reference {label: value} a horizontal line; log-scaled."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o", ms=3, label=label)
+    for (label, value), style in zip(references.items(), ("--", ":", "-.")):
+        ax.axhline(value, color="gray", ls=style, lw=1.2, label=label)
+    ax.set(title=title, xlabel="step", ylabel=ylabel, yscale="log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 60, not 6 x 10^1
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -83,8 +102,9 @@ def training_curves(history, teacher_scores, path):
     return _finish(fig, path)
 
 
-def sample_panels(panels, columns, row_names, path):
-    """Image grids side by side, one per {title: images [N, C, H, W] in [-1, 1]}, rows named by row_names."""
+def sample_panels(panels, columns, row_names, path, column_names=None):
+    """Image grids side by side, one per {title: images [N, C, H, W] in [-1, 1]}, rows named by row_names
+    (and columns by column_names, under each grid)."""
     from torchvision.utils import make_grid   # here: importing torchvision takes seconds
     fig, axes = plt.subplots(1, len(panels), figsize=(0.5 * columns * len(panels) + 1.5, 0.5 * len(row_names) + 0.8),
                              squeeze=False)
@@ -94,5 +114,9 @@ def sample_panels(panels, columns, row_names, path):
         step = grid.shape[1] / len(row_names)
         ax.set(title=title, xticks=[], yticks=[step * (i + 0.5) for i in range(len(row_names))])
         ax.set_yticklabels(row_names, fontsize=8)
+        if column_names:
+            width = grid.shape[2] / columns
+            ax.set_xticks([width * (i + 0.5) for i in range(columns)])
+            ax.set_xticklabels(column_names, fontsize=7, rotation=90)
     fig.tight_layout()
     return _finish(fig, path)
