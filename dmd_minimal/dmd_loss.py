@@ -31,13 +31,14 @@ def draw_sigmas(levels, batch_size, lo=0, hi=None):
 
 
 @torch.no_grad()
-def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
-    """The per-sample DMD update direction [B, ...] (DMD Eq. 7-8, Algorithm 2).
+def dmd_terms(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
+    """What one DMD update direction is made of (DMD Eq. 7-8, Algorithm 2): dict(x_t, mu_real, mu_fake [B, ...],
+    w [B], grad [B, ...]), in fp32. dmd_gradient returns grad; the tutorials draw the rest.
 
-    grad = w (mu_fake - mu_real), with mu = D(x + sigma n; sigma). Since s = (mu - x_t) / sigma^2,
-    this is proportional to s_fake - s_real, so x - grad moves x towards "more real, less fake".
-    w = 1 / mean|x - mu_real| (per sample, in fp32) normalises the gradient's size across sigmas.
-    real_score_only: grad = w (x - mu_real), following the real score alone (the paper's Fig. 3
+    x_t = x + sigma n, mu = D(x_t; sigma) of the teacher (real) and the fake score, grad = w (mu_fake - mu_real).
+    Since s = (mu - x_t) / sigma^2, grad is proportional to s_fake - s_real, so x - grad moves x towards
+    "more real, less fake". w = 1 / mean|x - mu_real| (per sample) normalises the gradient's size across sigmas.
+    real_score_only: mu_fake = x, so grad = w (x - mu_real) follows the real score alone (the paper's Fig. 3
     ablation, which collapses onto the nearest mode).
     """
     x = x.float()
@@ -45,8 +46,13 @@ def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_on
     mu_real = teacher(x_t, sigma, class_labels)
     mu_fake = x if real_score_only else fake_score(x_t, sigma, class_labels)
     w = 1 / ((x - mu_real).abs().flatten(1).mean(1) + 1e-8)          # [B]   Eq. 8
-    grad = append_dims(w, x.ndim) * (mu_fake - mu_real)
-    return torch.nan_to_num(grad)
+    grad = torch.nan_to_num(append_dims(w, x.ndim) * (mu_fake - mu_real))
+    return dict(x_t=x_t, mu_real=mu_real, mu_fake=mu_fake, w=w, grad=grad)
+
+
+def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
+    """The per-sample DMD update direction grad = w (mu_fake - mu_real) [B, ...] (DMD Eq. 7-8; see dmd_terms)."""
+    return dmd_terms(x, sigma, teacher, fake_score, class_labels, real_score_only)["grad"]
 
 
 def distribution_matching_loss(x, grad):

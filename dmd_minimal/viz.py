@@ -2,9 +2,9 @@
 
 Each helper draws onto an Axes the caller made with `panels`, so a notebook composes a figure from
 a few calls; nothing is saved (plots.py writes the training report's files). 2D helpers take torch
-tensors or numpy arrays of shape [N, 2]. The exception closes the file: tutorial 03's two figures of the
-DMD gradient s_real - s_fake (`score_rows`, `training_strip`) are whole figures, drawn from `dmd_fields`,
-and shown through `small_png` to keep the notebook small.
+tensors or numpy arrays of shape [N, 2]. The exceptions close the file: tutorial 03's two figures of the
+DMD gradient s_real - s_fake (`score_rows`, `training_strip`, drawn from `dmd_fields`) and tutorial 05's
+gradient of one image (`dmd_image_rows`) are whole figures, shown through `small_png` to keep the notebooks small.
 """
 import math
 
@@ -252,6 +252,47 @@ def training_strip(snapshots, centers, captions=None, size=2.4):
         image = score_map(ax, grid, diff, levels, f"step {snap['step']}: s_real - s_fake")
         samples_with_updates(ax, f["x"], f["update"], arrow_size, length=0.6, key=ax is axes[-1])
     bottom.colorbar(image, cax=cax, label="|score|", format="%.2g")
+    return fig
+
+
+# --- The DMD gradient of one image (tutorial 05) ---------------------------------------------------------
+
+
+def _show_image(ax, image, title, value_range=(-1, 1)):
+    """One image [C, H, W] (grey or RGB) with `value_range` mapped to black..white."""
+    lo, hi = value_range
+    image = ((as_numpy(image) - lo) / (hi - lo)).clip(0, 1).transpose(1, 2, 0)    # [H, W, C]
+    ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(title, fontsize=9)
+
+
+def dmd_image_rows(x, sigma, terms, mean_grad=None, size=1.7):
+    """The DMD gradient of one image x [C, H, W], one row per noise level sigma [rows]: terms are dmd_loss.dmd_terms
+    of x repeated once per row at those sigmas; mean_grad [rows, C, H, W] (optional) its grad averaged over many
+    draws of the noise. x (first row), x_t (scaled to its own range), mu_real and mu_fake in grey; grad = w (mu_fake
+    - mu_real) (the channels' mean) on a diverging scale symmetric about 0, one for all rows (another for mean_grad)."""
+    grads = [as_numpy(g).mean(1) for g in (terms["grad"], mean_grad) if g is not None]   # [rows, H, W] each
+    ratios = [1] * 4 + [1, 0.08] * len(grads)                                     # the grads with their colour bars
+    fig, axes = plt.subplots(len(sigma), len(ratios), figsize=(sum(ratios) * size + 0.6, size * len(sigma)), dpi=DPI,
+                             squeeze=False, gridspec_kw=dict(width_ratios=ratios))
+    for row, s in enumerate(as_numpy(sigma)):
+        a, x_t = axes[row], terms["x_t"][row]
+        if row == 0:
+            _show_image(a[0], x, "x = G(z)")
+        else:
+            a[0].axis("off")
+        _show_image(a[1], x_t, f"x_t, sigma = {s:g}", (float(x_t.min()), float(x_t.max())))
+        _show_image(a[2], terms["mu_real"][row], "mu_real (teacher)")
+        _show_image(a[3], terms["mu_fake"][row], "mu_fake (fake score)")
+        titles = (f"grad, w = {float(terms['w'][row]):.3g}", "grad, mean over n")
+        for k, (grad, title) in enumerate(zip(grads, titles)):
+            ax, cax, limit = a[4 + 2 * k], a[5 + 2 * k], float(np.abs(grad).max()) + 1e-12
+            image = ax.imshow(grad[row], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+            ax.set(xticks=[], yticks=[])
+            ax.set_title(title, fontsize=9)
+            fig.colorbar(image, cax=cax)
+    fig.tight_layout()
     return fig
 
 

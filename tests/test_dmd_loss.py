@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dmd_minimal.denoiser import append_dims
-from dmd_minimal.dmd_loss import (distribution_matching_loss, dmd_gradient, draw_sigmas, fake_score_loss,
-                                  lpips_vgg, regression_loss, sigma_levels)
+from dmd_minimal.dmd_loss import (distribution_matching_loss, dmd_gradient, dmd_terms, draw_sigmas,
+                                  fake_score_loss, lpips_vgg, regression_loss, sigma_levels)
 from dmd_minimal.gaussian import GaussianDenoiser, GaussianMixtureDenoiser, isotropic_gaussian
 from dmd_minimal.toy2d import exact_denoiser
 from dmd_minimal.utils import DMDError
@@ -38,6 +38,24 @@ def test_autograd_gradient_equals_analytic(shape, real_score_only):
     w = 1 / (x.detach() - mu_real).abs().flatten(1).mean(1)
     analytic = append_dims(w, x.ndim) * (mu_fake - mu_real)
     assert torch.allclose(autograd * x.numel(), analytic, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 4, 4)])
+def test_terms_are_what_the_gradient_is_made_of(shape):
+    """dmd_terms' x_t, mu_real, mu_fake and w, recomputed from the same noise, and dmd_gradient is their grad."""
+    real = GaussianMixtureDenoiser(torch.randn(5, *shape), 0.3)
+    fake = GaussianMixtureDenoiser(torch.randn(3, *shape), 0.5)
+    x, sigma = torch.randn(8, *shape), torch.tensor([0.01, 0.1, 0.5, 1, 2, 5, 10, 80.0])
+    torch.manual_seed(2)
+    terms = dmd_terms(x, sigma, real, fake)
+    torch.manual_seed(2)
+    assert torch.equal(dmd_gradient(x, sigma, real, fake), terms["grad"])
+    torch.manual_seed(2)
+    x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    assert torch.allclose(terms["x_t"], x_t)
+    assert torch.allclose(terms["mu_real"], real(x_t, sigma)) and torch.allclose(terms["mu_fake"], fake(x_t, sigma))
+    assert torch.allclose(terms["w"], 1 / (x - real(x_t, sigma)).abs().flatten(1).mean(1))
+    assert torch.allclose(terms["grad"], append_dims(terms["w"], x.ndim) * (terms["mu_fake"] - terms["mu_real"]))
 
 
 def test_gradient_vanishes_when_fake_equals_real():

@@ -102,3 +102,32 @@ def test_small_png_is_a_palette_png_and_closes_the_figure(rows):
     assert not plt.fignum_exists(fig.number)
     image = Image.open(io.BytesIO(shown.data))
     assert image.format == "PNG" and image.mode == "P" and len(image.getcolors()) <= 64
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dmd_image_rows_draws_the_terms(channels):
+    """Real images N(+0.5, s^2 I), the generator's N(-0.5, s^2 I): mu_fake - mu_real = -sigma^2 / (s^2 + sigma^2)
+    in every pixel, so grad < 0 everywhere (blue: x - grad brightens it), on a scale symmetric about 0."""
+    from dmd_minimal.dmd_loss import dmd_terms
+
+    shape, sigma = (channels, 4, 4), torch.tensor([0.5, 2.0, 10.0])
+    real = GaussianMixtureDenoiser(torch.full((1, *shape), 0.5), S)
+    fake = GaussianMixtureDenoiser(torch.full((1, *shape), -0.5), S)
+    x = -0.5 + S * torch.randn(1, *shape)
+    terms = dmd_terms(x.expand(3, -1, -1, -1), sigma, real, fake)
+    mean_grad = torch.stack([dmd_terms(x.expand(8, -1, -1, -1), s.expand(8), real, fake)["grad"].mean(0)
+                             for s in sigma])                                    # [3, C, 4, 4]
+    fig = viz.dmd_image_rows(x[0], sigma, terms, mean_grad)
+    axes = np.array(fig.axes).reshape(3, 8)          # x, x_t, mu_real, mu_fake, grad, colour bar, mean grad, colour bar
+    assert axes[0, 0].get_title() == "x = G(z)" and not axes[1, 0].axison
+    assert [ax.get_title() for ax in axes[:, 1]] == ["x_t, sigma = 0.5", "x_t, sigma = 2", "x_t, sigma = 10"]
+    for column, grad in ((4, terms["grad"]), (6, mean_grad)):
+        limits = {ax.get_images()[0].get_clim() for ax in axes[:, column]}
+        assert len(limits) == 1                                                  # one scale for the rows
+        (lo, hi), = limits
+        assert lo == -hi and hi >= grad.mean(1).abs().max()                      # symmetric, nothing off the scale
+        for row, ax in enumerate(axes[:, column]):
+            drawn = ax.get_images()[0].get_array()
+            np.testing.assert_allclose(drawn, grad[row].mean(0).numpy(), rtol=1e-6)   # the channels' mean
+            assert drawn.max() < 0
+    plt.close(fig)

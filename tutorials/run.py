@@ -5,7 +5,10 @@
     DMD_FAST=1 python tutorials/run.py            # tiny step counts, as the tests run them
 
 The notebooks run in one scratch folder, deleted afterwards, so every refresh trains from scratch;
-the teacher that the first notebook trains there is reused by the others.
+the teacher that the first notebook trains there is reused by the others. 05 reuses the finished
+fashion-mnist run in $DMD_FASHION_OUT where it is set:
+
+    DMD_FASHION_OUT=RUN python tutorials/run.py 05_images_pipeline.ipynb
 """
 import argparse
 import os
