@@ -128,7 +128,7 @@ def markdown_table(rows, metric, eval_num):
     lines = [f"{eval_num} samples per row, the same noise and balanced labels; wall time: the DMD stage of each run "
              f"(its pairs made beforehand), evaluations included\n",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += [f"| {name} | {nfe} | " + " | ".join(cell(scores.get(c)) for c in COLUMNS) + f" | {cell(seconds)} |"
+    lines += [f"| {name} | {nfe} | " + " | ".join(cell(scores.get(c)) for c in COLUMNS) + f" | {'-' if seconds is None else f'{seconds:.0f}'} |"
               for name, (nfe, scores, seconds) in rows.items()]
     return "\n".join(lines)
 
