@@ -4,9 +4,9 @@
 teacher trained here, its Heun-18 pairs, DMD, and FID in a classifier's features during training. The
 one-step generator must beat the teacher's own one step by far, without losing the recall of its ODE.
 DMD's settings are the fashion-mnist preset's (batch 32, fake lr 1e-3, cosine decay) with a generator lr
-of 1e-4 for the short run. Measured (1000 samples, FID in the classifier's features / recall): teacher
-Heun 18 15.3 / 0.80, 1 Euler step 94.0 / 0.00; the generator at steps 200, 400, 600, 800: 24.9 / 0.34,
-22.6 / 0.40, 22.9 / 0.48, 24.2 / 0.50 (with 500 pairs and 400 steps recall stopped at 0.38).
+of 2e-4 for the short run. Measured (1000 samples, FID in the classifier's features / recall): teacher
+Heun 18 15.3 / 0.80, 1 Euler step 94.0 / 0.00; the generator at steps 100, 200, 300, 400: 34.3 / 0.25,
+27.7 / 0.39, 22.7 / 0.42, 24.1 / 0.46 (lr 1e-4: 0.38 at step 400 with 500 pairs, 0.50 at step 800).
 """
 import io
 import json
@@ -49,8 +49,8 @@ def run(tmp_path_factory):
     cfg = make_config("folder", data_dir=str(tmp / "fm14.zip"), out=str(tmp / "run"), device="cpu",
                       model_channels=16, channel_mult="1,2", num_blocks=1, xflip=True,
                       teacher_steps=500, teacher_batch=64, teacher_lr=2e-3, teacher_ema_rampup=0.05,
-                      num_pairs=1000, pair_steps=18, batch_size=32, dmd_steps=800, lr=1e-4, fake_lr=1e-3,
-                      cosine_decay=True, eval_every=800, eval_num=1000, log_every=50, checkpoint_every=1000,
+                      num_pairs=1000, pair_steps=18, batch_size=32, dmd_steps=400, lr=2e-4, fake_lr=1e-3,
+                      cosine_decay=True, eval_every=400, eval_num=1000, log_every=50, checkpoint_every=1000,
                       grid_size=0)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("DMD_CACHE", str(tmp / "cache"))
