@@ -27,9 +27,9 @@ import torch
 
 import dmd_minimal.train as training
 from dmd_minimal.config import make_config
-from dmd_minimal.generator import OneStepGenerator
 from dmd_minimal.load import load_denoiser
 from dmd_minimal.report import expected_push
+from dmd_minimal.sample import load_generator
 from dmd_minimal.toy2d import exact_denoiser
 
 VARIANTS = {   # name: config overrides
@@ -92,7 +92,7 @@ def push(checkpoint, real_score=None, seed=0):
     """report.expected_push of the run's final generator and fake score at 256 z (real_score: mu_real's
     denoiser, default the run's teacher)."""
     teacher, fake_score = real_score or load_denoiser(checkpoint), load_denoiser(checkpoint, "fake_score")
-    generator = OneStepGenerator(load_denoiser(checkpoint, "generator"))
+    generator = load_generator(checkpoint)[0]
     torch.manual_seed(seed)   # z and the noise draws
     return expected_push(generator, teacher, fake_score, torch.randn(256, 2))
 
