@@ -11,9 +11,9 @@ what is finished and resumes what was interrupted; any other flag of `python -m 
 Runs with the same pair count share one pairs folder, OUT/pairs-<count>, linked as OUT/<variant>/pairs
 (train() checks its manifest as for any pairs folder). The scores are each run's last evaluation
 (monitor.py: --eval-num samples from fixed noise and balanced labels, in log.jsonl), the teacher's from
-the same noise (OUT/teacher_scores.json, computed once before the runs). Prints a markdown table and
-writes it into OUT/table.md, with samples.png (one row per model, the same noise and labels) and fid.png
-(FID against the step).
+the same noise (Heun 18, 9, 6 and 4 steps and one Euler step, computed once before the runs and cached: the
+fewer steps show what NFE one DMD step is worth). Prints a markdown table and writes it into OUT/table.md,
+with samples.png (one row per model, the same noise and labels) and fid.png (FID against the step).
 """
 import argparse
 import dataclasses
@@ -46,8 +46,9 @@ VARIANTS = {   # --variants name: (table row, what it changes in the config; DMD
              lambda cfg: dict(fake_steps_per_generator_step=5, lambda_reg=0.0)),
     "tenth-pairs": ("DMD with a tenth of the pairs", lambda cfg: dict(num_pairs=max(cfg.num_pairs // 10, 1))),
 }
-TEACHER_ROWS = {   # table row: (key in teacher_scores.json, NFE)
-    f"teacher, Heun {TEACHER_STEPS} steps": (f"heun{TEACHER_STEPS}", 2 * TEACHER_STEPS - 1),
+FEWER_STEPS = (9, 6, 4)   # the teacher's ODE with fewer Heun steps: what NFE one DMD step is worth
+TEACHER_ROWS = {   # table row: (key in the teacher's scores, NFE)
+    **{f"teacher, Heun {n} steps": (f"heun{n}", 2 * n - 1) for n in (TEACHER_STEPS, *FEWER_STEPS)},
     "teacher, 1 Euler step": ("euler1", 1),
 }
 COLUMNS = ("fid", "precision", "recall", "class_accuracy")
@@ -71,15 +72,23 @@ def link_pairs(folder, out, count):
 
 
 def score_teacher(base, teacher_path, out):
-    """The teacher's {'heun18': scores, 'euler1': scores} from the runs' noise (monitor.Monitor, which caches them
-    in OUT/teacher_scores.json); each run's own Monitor finds them there, copied into its folder."""
+    """The teacher's scores from the runs' noise: {'heun18', 'euler1'} by monitor.Monitor, which caches them in
+    OUT/teacher_scores.json (each run's own Monitor finds them there, copied into its folder), and
+    {'heun9', ...} (FEWER_STEPS) here, cached in OUT/teacher_scores_fewer_steps.json under the same key."""
     cfg = resolve(dataclasses.replace(base, out=str(out)))
     teacher = load_denoiser(teacher_path).to(cfg.device)
     teacher.amp_dtype = AMP_DTYPES[cfg.precision]   # as in the runs
     monitor = Monitor(cfg, teacher, out)
     if monitor.scorer is None:
         raise DMDError(f"no score for {cfg.dataset} here (the notice above says why)")
-    return monitor.teacher_scores
+    key = json.loads((out / "teacher_scores.json").read_text())["key"]   # the teacher, the scorer and the noise
+    path = out / "teacher_scores_fewer_steps.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("key") != key:
+        heun = lambda n: lambda z, y: sample_ode(teacher, z, n, y, **monitor.ode)   # noqa: E731
+        cached = dict(key=key, scores={f"heun{n}": monitor.score(heun(n)) for n in FEWER_STEPS})
+        atomic_write(path, lambda f: f.write(json.dumps(cached, indent=1).encode()))
+    return {**monitor.teacher_scores, **cached["scores"]}
 
 
 def run_variant(cfg, out):

@@ -1,4 +1,5 @@
 """Pictures shared by the training report and the tutorials: scatter panels, loss curves, image grids."""
+import itertools
 import math
 
 import matplotlib
@@ -8,6 +9,8 @@ matplotlib.use("Agg")   # files only; notebooks switch to their inline backend t
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .utils import atomic_write  # noqa: E402
+
+REFERENCE_STYLES = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 4)))   # step_curves' horizontal lines
 
 
 def scatter_panels(panels, path=None, lim=6.0, max_points=5000, columns=None):
@@ -39,10 +42,10 @@ def loss_curves(curves, path=None):
 
 def step_curves(curves, references, path=None, title="", ylabel=""):
     """One panel: a line per {label: (steps, values)}, each reference {label: value} a horizontal line; log-scaled."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.8, 4.0))
     for label, (steps, values) in curves.items():
         ax.plot(steps, values, marker="o", ms=3, label=label)
-    for (label, value), style in zip(references.items(), ("--", ":", "-.")):
+    for (label, value), style in zip(references.items(), itertools.cycle(REFERENCE_STYLES)):
         ax.axhline(value, color="gray", ls=style, lw=1.2, label=label)
     ax.set(title=title, xlabel="step", ylabel=ylabel, yscale="log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 60, not 6 x 10^1
@@ -50,7 +53,7 @@ def step_curves(curves, references, path=None, title="", ylabel=""):
     ax.yaxis.set_minor_formatter(plain)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the panel: no line hidden
     fig.tight_layout()
     return _finish(fig, path)
 

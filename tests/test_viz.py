@@ -131,3 +131,13 @@ def test_dmd_image_rows_draws_the_terms(channels):
             np.testing.assert_allclose(drawn, grad[row].mean(0).numpy(), rtol=1e-6)   # the channels' mean
             assert drawn.max() < 0
     plt.close(fig)
+
+
+def test_step_curves_draws_every_reference_line():
+    from dmd_minimal.plots import REFERENCE_STYLES, step_curves
+    references = {f"teacher {k}": 10.0 + k for k in range(len(REFERENCE_STYLES) + 2)}   # more than the styles
+    fig = step_curves({"DMD": ([0, 1], [30.0, 12.0])}, references)
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["DMD", *references]
+    assert [line.get_ydata()[0] for line in lines[1:]] == list(references.values())
+    plt.close(fig)
