@@ -1,7 +1,7 @@
 """The teacher: a released one loaded (EDM's snapshots), or one trained here with EDM's loss (EDM §5).
 
 A teacher trained here is saved with its config as OUT/teacher.pt and reused while the fields that
-shaped it (TEACHER_FIELDS) agree. The weights kept are an exponential moving average of the trained
+shaped it (TEACHER_FIELDS, and a folder's path) agree. The weights kept are an exponential moving average of the trained
 ones, as in EDM.
 """
 import copy
@@ -184,6 +184,7 @@ def get_teacher(cfg, out):
     dist.barrier()   # the others wait for process 0's teacher
     fix = redo_advice(out, "teacher.pt", "teacher")   # and what was made from it: no pairs of another teacher
     saved = load_file(path, "teacher", required=("config", "denoiser"), fix=fix)
-    check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]),
-               TEACHER_FIELDS, path, fix)
+    # A folder's path names its images; for the named data sets --data-dir only says where the same files are.
+    fields = TEACHER_FIELDS + (("data_dir",) if cfg.dataset == "folder" else ())
+    check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]), fields, path, fix)
     return denoiser_from_dict(saved["denoiser"])

@@ -118,6 +118,20 @@ def test_a_teacher_of_other_settings_is_redone_with_what_was_made_from_it(refere
     assert_consistent(tmp_path, reference(teacher_steps=21))
 
 
+def test_a_teacher_of_another_image_folder_is_not_reused(tmp_path, monkeypatch):
+    from test_monitor import tiny_folder_run, write_folder
+    monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
+    first, second = write_folder(tmp_path / "a.zip", 40), write_folder(tmp_path / "b.zip", 48)
+    out = tmp_path / "run"
+    train(tiny_folder_run(first, out, stage="teacher", eval_every=0))
+    message = refused(tiny_folder_run(second, out, stage="teacher", eval_every=0))
+    assert message == (f"{out / 'teacher.pt'} was made with data_dir={first!r}, not {second!r}: use another --out, "
+                       f"or delete {out / 'teacher.pt'} to redo the teacher")
+    follow(message)
+    train(tiny_folder_run(second, out, stage="teacher", eval_every=0))
+    assert torch.load(out / "teacher.pt", weights_only=True)["config"]["data_dir"] == second
+
+
 def test_deleting_only_teacher_pt_never_reuses_the_old_pairs(reference, tmp_path):
     train(tiny(tmp_path))
     (tmp_path / "teacher.pt").unlink()
