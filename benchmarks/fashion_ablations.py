@@ -29,7 +29,7 @@ import torch
 from dmd_minimal.config import build_parser, make_config, regression_batch
 from dmd_minimal.data import CLASS_NAMES
 from dmd_minimal.load import load_denoiser
-from dmd_minimal.monitor import TEACHER_STEPS, Monitor
+from dmd_minimal.monitor import TEACHER_STEPS, Monitor, cached_scores
 from dmd_minimal.networks import sample_shape
 from dmd_minimal.plots import sample_panels, step_curves
 from dmd_minimal.report import grid_noise
@@ -81,14 +81,10 @@ def score_teacher(base, teacher_path, out):
     monitor = Monitor(cfg, teacher, out)
     if monitor.scorer is None:
         raise DMDError(f"no score for {cfg.dataset} here (the notice above says why)")
-    key = json.loads((out / "teacher_scores.json").read_text())["key"]   # the teacher, the scorer and the noise
-    path = out / "teacher_scores_fewer_steps.json"
-    cached = json.loads(path.read_text()) if path.exists() else {}
-    if cached.get("key") != key:
-        heun = lambda n: lambda z, y: sample_ode(teacher, z, n, y, **monitor.ode)   # noqa: E731
-        cached = dict(key=key, scores={f"heun{n}": monitor.score(heun(n)) for n in FEWER_STEPS})
-        atomic_write(path, lambda f: f.write(json.dumps(cached, indent=1).encode()))
-    return {**monitor.teacher_scores, **cached["scores"]}
+    heun = lambda n: lambda z, y: sample_ode(teacher, z, n, y, **monitor.ode)   # noqa: E731
+    fewer = cached_scores(out / "teacher_scores_fewer_steps.json", monitor.teacher_key,
+                          lambda: {f"heun{n}": monitor.score(heun(n)) for n in FEWER_STEPS})
+    return {**monitor.teacher_scores, **fewer}
 
 
 def run_variant(cfg, out):

@@ -79,6 +79,17 @@ def make_scorer(cfg, label_dim):
         return None
 
 
+def cached_scores(path, key, compute):
+    """compute()'s scores, kept in the JSON file at path with the key that says what they are of."""
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
+    scores = compute()
+    atomic_write(path, lambda f: f.write(json.dumps(dict(key=key, scores=scores), indent=1).encode()))
+    return scores
+
+
 class Monitor:
     """Scores the one-step generator every cfg.eval_every steps and redraws OUT/curves.png."""
 
@@ -100,17 +111,12 @@ class Monitor:
         return self.scorer(torch.cat(images), None if self.labels is None else self.labels.cpu())
 
     def score_teacher(self, teacher):
-        """{'heun18': scores, 'euler1': scores} of the teacher from the same noise, cached in OUT."""
-        path = self.out / "teacher_scores.json"
-        key = dict(teacher=denoiser_hash(teacher), scorer=self.scorer.name, num=len(self.z), **self.ode)
-        if path.exists():
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return cached["scores"]
-        scores = {f"heun{TEACHER_STEPS}": self.score(lambda z, y: sample_ode(teacher, z, TEACHER_STEPS, y, **self.ode)),
-                  "euler1": self.score(lambda z, y: sample_ode(teacher, z, 1, y, solver="euler", **self.ode))}
-        atomic_write(path, lambda f: f.write(json.dumps(dict(key=key, scores=scores), indent=1).encode()))
-        return scores
+        """{'heun18': scores, 'euler1': scores} of the teacher from the same noise, cached in OUT under
+        self.teacher_key (the teacher, the scorer, the noise count and the sampler)."""
+        self.teacher_key = dict(teacher=denoiser_hash(teacher), scorer=self.scorer.name, num=len(self.z), **self.ode)
+        return cached_scores(self.out / "teacher_scores.json", self.teacher_key, lambda: {
+            f"heun{TEACHER_STEPS}": self.score(lambda z, y: sample_ode(teacher, z, TEACHER_STEPS, y, **self.ode)),
+            "euler1": self.score(lambda z, y: sample_ode(teacher, z, 1, y, solver="euler", **self.ode))})
 
     def __call__(self, generator, state):
         """Score the generator, log it as a record {'step', 'eval'} and redraw curves.png; returns the record."""

@@ -16,6 +16,7 @@ from dmd_minimal.pairs import load_pairs
 from dmd_minimal.teacher import get_teacher
 from dmd_minimal.train import resolve, train
 from dmd_minimal.utils import DMDError, atomic_save
+from test_monitor import tiny_folder_run, write_folder
 from test_pairs import flip_bit, tensors
 
 # cosine decay off: a run stopped at step 2 and continued to 4 then computes what a 4-step run computes
@@ -119,7 +120,6 @@ def test_a_teacher_of_other_settings_is_redone_with_what_was_made_from_it(refere
 
 
 def test_a_teacher_of_another_image_folder_is_not_reused(tmp_path, monkeypatch):
-    from test_monitor import tiny_folder_run, write_folder
     monkeypatch.setenv("DMD_CACHE", str(tmp_path / "cache"))
     first, second = write_folder(tmp_path / "a.zip", 40), write_folder(tmp_path / "b.zip", 48)
     out = tmp_path / "run"
