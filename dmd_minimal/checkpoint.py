@@ -18,8 +18,9 @@ from .report import write_log
 from .utils import DMDError, atomic_save, atomic_write, load_file
 
 # Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
-# path may change; its identity is checked through the provenance).
+# path and network flags may change; its identity is checked through the provenance).
 RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "teacher", "resume", "data_dir", "download",
+                    "model_channels", "channel_mult", "num_blocks",
                     "dmd_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                     "grid_size", "num_eval", "max_skipped_steps", "eval_every", "eval_num")
 MADE_FROM = ("teacher.pt", "pairs", "checkpoint*.pt")   # what OUT holds, each made from the ones before it

@@ -1,7 +1,7 @@
 """The teacher: a released one loaded (EDM's snapshots), or one trained here with EDM's loss (EDM §5).
 
 A teacher trained here is saved with its config as OUT/teacher.pt and reused while the fields that
-shaped it (TEACHER_FIELDS, and a folder's path) agree. The weights kept are an exponential moving
+shaped it (TEACHER_FIELDS, its network as built, and a folder's path) agree. The weights kept are an exponential moving
 average of the trained ones, as in EDM.
 """
 import copy
@@ -24,10 +24,11 @@ from .networks import build_denoiser, denoiser_from_dict, denoiser_to_dict, samp
 from .toy2d import sample_toy
 from .utils import DMDError, atomic_save, hide_progress, load_file
 
-# Fields that must agree with a saved teacher for it to be reused.
+# Fields that must agree with a saved teacher for it to be reused. An image teacher's network is compared
+# as built (teacher_network), not as flags: an empty --channel-mult means the preset's, which may change.
 TEACHER_FIELDS = ("dataset", "toy", "arch", "hidden", "depth", "sigma_data", "teacher_steps", "teacher_batch",
                   "teacher_lr", "teacher_ema", "teacher_ema_rampup", "P_mean", "P_std", "seed", "resolution",
-                  "unconditional", "model_channels", "channel_mult", "num_blocks", "xflip")
+                  "unconditional", "xflip")
 # Data sets small enough to train a teacher on a CPU: a missing teacher is trained without asking.
 TRAINED_HERE = ("toy2d", "shapes", "fashion-mnist", "mnist", "folder")
 
@@ -187,4 +188,12 @@ def get_teacher(cfg, out):
     # A folder's path names its images; for the named data sets --data-dir only says where the same files are.
     fields = TEACHER_FIELDS + (("data_dir",) if cfg.dataset == "folder" else ())
     check_same(saved["config"], dataclasses.replace(cfg, sigma_data=saved["config"]["sigma_data"]), fields, path, fix)
-    return denoiser_from_dict(saved["denoiser"])
+    teacher = denoiser_from_dict(saved["denoiser"])
+    if cfg.dataset != "toy2d":
+        network = teacher_network(cfg, sample_shape(teacher))
+        for name, value in dict(arch=saved["denoiser"]["arch"], **saved["denoiser"]["arch_kwargs"]).items():
+            if name in network and network[name] != value:
+                raise DMDError(f"{path} has a network with {name}={value!r}, not the {network[name]!r} that "
+                               f"the {cfg.dataset} preset and --model-channels/--channel-mult/--num-blocks "
+                               f"give: {fix}")
+    return teacher

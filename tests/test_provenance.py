@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dmd_minimal.checkpoint import load_checkpoint
-from dmd_minimal.config import make_config
+from dmd_minimal.config import TEACHER_NETWORKS, make_config
 from dmd_minimal.load import load_denoiser
 from dmd_minimal.networks import build_denoiser, denoiser_hash, denoiser_to_dict
 from dmd_minimal.pairs import load_pairs
@@ -130,6 +130,26 @@ def test_a_teacher_of_another_image_folder_is_not_reused(tmp_path, monkeypatch):
     follow(message)
     train(tiny_folder_run(second, out, stage="teacher", eval_every=0))
     assert torch.load(out / "teacher.pt", weights_only=True)["config"]["data_dir"] == second
+
+
+def test_an_image_teacher_is_checked_by_its_network_not_by_the_flags(tmp_path, monkeypatch):
+    """An empty --channel-mult means the preset's network: a run made with the flag set to it is reused, teacher
+    and finished DMD run, and a teacher made before the preset changed is refused."""
+    data, out = write_folder(tmp_path / "a.zip", 40), tmp_path / "run"
+    train(tiny_folder_run(data, out, eval_every=0))   # channel_mult="1,2"
+    made = {name: (out / name).read_bytes() for name in ("teacher.pt", "checkpoint.pt")}
+    monkeypatch.setitem(TEACHER_NETWORKS, "folder", dict(TEACHER_NETWORKS["folder"], channel_mult=[1, 2]))
+    train(tiny_folder_run(data, out, eval_every=0, channel_mult=""))
+    assert {name: (out / name).read_bytes() for name in made} == made   # the same network: reused, nothing trained
+    monkeypatch.setitem(TEACHER_NETWORKS, "folder", dict(TEACHER_NETWORKS["folder"], channel_mult=[1, 2, 2]))
+    message = refused(tiny_folder_run(data, out, stage="teacher", eval_every=0, channel_mult=""))
+    assert message == (f"{out / 'teacher.pt'} has a network with channel_mult=[1, 2], not the [1, 2, 2] that the "
+                       f"folder preset and --model-channels/--channel-mult/--num-blocks give: use another --out, "
+                       f"or delete {out / 'teacher.pt'}, {out / 'pairs'} and {out / 'checkpoint*.pt'} to redo the "
+                       f"teacher")
+    follow(message)
+    train(tiny_folder_run(data, out, stage="teacher", eval_every=0, channel_mult=""))
+    assert load_denoiser(str(out / "teacher.pt")).backbone.config["channel_mult"] == [1, 2, 2]
 
 
 def test_deleting_only_teacher_pt_never_reuses_the_old_pairs(reference, tmp_path):
