@@ -170,7 +170,7 @@ TEACHER_NETWORKS = {
                    dropout=0.0),
     # 28x28 grayscale: 0.71M parameters, ~160 training images/s on 2 CPU cores. 64 channels at 7x7 cost
     # 1.37x the time of 32 there ([1, 2, 2], 0.31M) and lift the one-step generator's recall from 0.64x
-    # its teacher's to 0.71x; 32 channels everywhere would cost 2.7x (README, "Distilling it").
+    # its teacher's to 0.71x; 32 channels everywhere would cost 2.7x (README, after the ablation table).
     "fashion-mnist": dict(arch="songunet",
                           model_channels=16,
                           channel_mult=[1, 2, 4],   # 28x28, 14x14 and 7x7

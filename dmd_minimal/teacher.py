@@ -1,8 +1,8 @@
 """The teacher: a released one loaded (EDM's snapshots), or one trained here with EDM's loss (EDM §5).
 
 A teacher trained here is saved with its config as OUT/teacher.pt and reused while the fields that
-shaped it (TEACHER_FIELDS, its network as built, and a folder's path) agree. The weights kept are an exponential moving
-average of the trained ones, as in EDM.
+shaped it (TEACHER_FIELDS, its network as built, and a folder's path) agree. The weights kept are an
+exponential moving average of the trained ones, as in EDM.
 """
 import copy
 import dataclasses
