@@ -172,7 +172,7 @@ def training_rows(teacher, cfg, lpips, args, device):
 
     def fake_score_train_pass():
         fake_score.zero_grad(set_to_none=True)
-        fake_score_loss(fake_score, x, levels, labels).backward()
+        fake_score_loss(fake_score, x, draw_sigmas(levels, len(x)), labels).backward()
 
     def lpips_pass():   # backward into the generator's images, LPIPS itself is frozen
         regression_loss(x.clone().requires_grad_(True), pair_batch["y"], lpips, cfg.lpips_resolution).backward()

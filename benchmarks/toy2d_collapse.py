@@ -44,8 +44,8 @@ VARIANTS = {   # name: config overrides
 def real_score_swapped(real_score):
     """training.dmd_gradient with mu_real from real_score instead of the teacher (restore dmd_gradient after)."""
     dmd_gradient = training.dmd_gradient
-    return lambda x, sigma, teacher, fake_score, labels=None, real_only=False: dmd_gradient(
-        x, sigma, real_score, fake_score, labels, real_only)
+    return lambda x, sigma, teacher, fake_score, labels=None, real_only=False, noise=None: dmd_gradient(
+        x, sigma, real_score, fake_score, labels, real_only, noise)
 
 
 def generator_from(checkpoint):

@@ -1,14 +1,18 @@
 """Checkpoints of a DMD run: written atomically with a checksum, the last few kept, and restored exactly.
 
 A checkpoint holds the config (asdict), the step, the log so far, what the run distils (its provenance:
-the teacher's hash and the pairs' sampler, pairs.PROVENANCE_KEYS), every network as a plain dict
-(networks.denoiser_to_dict: no pickled code) and the optimizers, learning-rate schedules and fp16
-scalers, so `train` continues a run exactly where it stopped. Only process 0 writes them, as
-OUT/checkpoint-STEP.pt and a separate copy OUT/checkpoint.pt: damage to one leaves the other intact.
+the teacher's hash and path and the pairs' sampler, pairs.PROVENANCE_KEYS), the trained networks as plain
+dicts (networks.denoiser_to_dict: no pickled code) and the optimizers, learning-rate schedules and fp16
+scalers, so `train` continues a run exactly where it stopped. The frozen teacher is not stored: the
+provenance names it, and resuming or sampling finds it through the run's teacher. Only process 0 writes
+them: the latest as OUT/checkpoint.pt, and the one it replaces is renamed OUT/checkpoint-STEP.pt (a
+rename, not a copy: an ImageNet checkpoint is gigabytes), so a damaged latest leaves an older one intact.
 """
 import dataclasses
-import shutil
+import os
 from pathlib import Path
+
+import torch
 
 from . import dist
 from .config import Config
@@ -19,7 +23,8 @@ from .utils import DMDError, atomic_save, atomic_write, load_file
 
 # Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
 # path and network flags may change; its identity is checked through the provenance).
-RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "teacher", "resume", "data_dir", "download",
+RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "dist_timeout", "dry_run", "tensorboard",
+                    "teacher", "resume", "data_dir", "download", "batch_gpu",
                     "model_channels", "channel_mult", "num_blocks",
                     "dmd_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                     "grid_size", "num_eval", "max_skipped_steps", "eval_every", "eval_num")
@@ -49,18 +54,32 @@ def numbered_checkpoints(folder):
     return sorted(Path(folder).glob("checkpoint-*.pt"), reverse=True)
 
 
+def stored_step(path):
+    """The step of the checkpoint at path (read from its mapped file, not loaded), or None if there is none
+    or it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:   # missing or damaged: nothing to keep
+        return None
+
+
 def save_checkpoint(out, cfg, nets, training, state):
-    """OUT/checkpoint-STEP.pt, then a copy of it as OUT/checkpoint.pt, both atomic; the last few are kept."""
-    nets = {name: dist.unwrap(net) for name, net in nets.items() if net is not None and name != "lpips"}
-    path = out / f"checkpoint-{state['step']:07d}.pt"
+    """OUT/checkpoint.pt, atomically; the checkpoint it replaces is renamed checkpoint-STEP.pt, and the
+    cfg.keep_checkpoints - 1 newest of those are kept."""
+    nets = {name: dist.unwrap(net) for name, net in nets.items()
+            if net is not None and name not in ("teacher", "lpips")}
+    latest = out / "checkpoint.pt"
+    previous = stored_step(latest)
+
+    def keep_previous():   # after the new file is written, before it takes the name
+        if previous is not None and previous != state["step"]:
+            os.replace(latest, out / f"checkpoint-{previous:07d}.pt")
     atomic_save(dict(
         config=dataclasses.asdict(cfg), **state,
         **{name: denoiser_to_dict(getattr(net, "denoiser", net)) for name, net in nets.items()},
         **{part: {k: v.state_dict() for k, v in training[part].items() if v is not None}
-           for part in ("optimizers", "schedules", "scalers")}), path)
-    with open(path, "rb") as saved:   # a copy, not a second name (a hard link): damage to one spares the other
-        atomic_write(out / "checkpoint.pt", lambda f: shutil.copyfileobj(saved, f, 1 << 24))
-    for old in numbered_checkpoints(out)[max(cfg.keep_checkpoints, 1):]:
+           for part in ("optimizers", "schedules", "scalers")}), latest, before_replace=keep_previous)
+    for old in numbered_checkpoints(out)[max(cfg.keep_checkpoints - 1, 0):]:
         old.unlink()
 
 
@@ -75,8 +94,8 @@ def recovery(path, flag="--resume"):
 
 
 def load_checkpoint(path):
-    return load_file(path, "checkpoint", required=("config", "step", "provenance", "generator", "fake_score",
-                                                   "teacher"), fix=recovery(path))
+    return load_file(path, "checkpoint", required=("config", "step", "provenance", "generator", "fake_score"),
+                     fix=recovery(path))
 
 
 def checkpoint_to_resume(cfg, out, provenance):

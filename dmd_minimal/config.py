@@ -26,7 +26,10 @@ class Config:
     resume: str = ""                   # checkpoint to continue (default: OUT/checkpoint.pt when it exists)
     seed: int = 0                      # seeds the teacher, the pairs and DMD
     device: str = ""                   # cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)
-    precision: str = ""                # fp32, bf16 or fp16 autocast of the networks (default: bf16 on CUDA, else fp32)
+    precision: str = ""                # fp32, bf16 or fp16 autocast of the networks (default: bf16 on GPUs that have it, fp16 on older GPUs, else fp32)
+    dist_timeout: int = 1800           # seconds a process waits for the others in a collective before the run stops (torchrun)
+    dry_run: bool = False              # build the preset's networks with random weights, time two DMD iterations, print a plan; write nothing
+    tensorboard: bool = False          # also write the logged scalars and the image grids to OUT/tensorboard
     # images (teacher training from scratch; distillation itself needs only the teacher and its pairs)
     data_dir: str = ""                 # training images (data.py; fashion-mnist: Debian's folder when installed)
     download: bool = False             # fetch CIFAR-10, MNIST or Fashion-MNIST into DATA_DIR if missing
@@ -62,6 +65,7 @@ class Config:
     # DMD
     dmd_steps: int = 2000              # generator updates
     batch_size: int = 1024             # distribution-matching batch of all processes together
+    batch_gpu: int = 0                 # images one process holds at once; each step accumulates its share in batches of this (0: all)
     lr: float = 1e-3                   # AdamW learning rate of the generator
     fake_lr: float = 1e-3              # AdamW learning rate of the fake score
     weight_decay: float = 0.01         # AdamW weight decay (both networks)
@@ -80,7 +84,7 @@ class Config:
     # logging and evaluation
     log_every: int = 100               # steps between lines of OUT/log.jsonl (and loss-curve points)
     checkpoint_every: int = 500        # steps between checkpoints
-    keep_checkpoints: int = 2          # checkpoint-STEP.pt files kept (checkpoint.pt: a copy of the latest)
+    keep_checkpoints: int = 2          # checkpoints kept: the latest as checkpoint.pt, the ones before it as checkpoint-STEP.pt
     sample_every: int = 1000           # steps between image grids OUT/grids/STEP.png, from fixed noise
     grid_size: int = 64                # images in a grid (0: no grids)
     num_eval: int = 10000              # toy2d: samples drawn for metrics.json and samples.npz
@@ -185,10 +189,10 @@ CHOICES = {"dataset": sorted(PRESETS), "stage": ("teacher", "pairs", "dmd"),
            "lpips_pooling": ("avg", "max")}
 # The range of each numeric field (validate); every float must also be finite.
 AT_LEAST = {0: ("seed", "resolution", "model_channels", "num_blocks", "teacher_ema_rampup", "sigma_data",
-                "regression_batch", "weight_decay", "warmup_steps", "lambda_reg", "grid_size", "dm_min_level", "eval_every"),
+                "regression_batch", "batch_gpu", "weight_decay", "warmup_steps", "lambda_reg", "grid_size", "dm_min_level", "eval_every"),
             1: ("hidden", "depth", "teacher_steps", "teacher_batch", "num_pairs", "pair_steps", "lpips_resolution",
                 "dmd_steps", "batch_size", "fake_steps_per_generator_step", "max_skipped_steps", "log_every",
-                "checkpoint_every", "keep_checkpoints", "sample_every"),
+                "checkpoint_every", "keep_checkpoints", "sample_every", "dist_timeout"),
             2: ("num_levels", "num_eval")}   # a grid needs two ends; the energy distance, two samples
 POSITIVE = ("sigma_min", "rho", "teacher_lr", "P_std", "lr", "fake_lr", "grad_clip")
 DECAYS = ("teacher_ema", "ema")   # in [0, 1): 1 would freeze the average at its start

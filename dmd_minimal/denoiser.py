@@ -65,16 +65,17 @@ def score(denoiser, x, sigma, class_labels=None):
     return (denoiser(x, sigma.flatten(), class_labels) - x) / sigma**2
 
 
-def denoising_loss(denoiser, x, sigma, class_labels=None):
+def denoising_loss(denoiser, x, sigma, class_labels=None, noise=None):
     """Per-sample EDM loss lambda(sigma) |D(x + sigma n; sigma) - x|^2, averaged over dims.
 
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1/sigma^2 + 1/sigma_data^2,
     which makes the loss unit-scale at every sigma (EDM §5). Shared by the teacher's training
     and DMD's fake-score update (DMD Eq. 6), which differ only in how sigma is drawn.
+    noise: n [B, ...] drawn beforehand (default: drawn here).
     """
     sigma = append_dims(sigma, x.ndim)
     weight = 1 / sigma**2 + 1 / denoiser.sigma_data**2
-    x_t = x + sigma * torch.randn_like(x)
+    x_t = x + sigma * (torch.randn_like(x) if noise is None else noise)
     D_x = denoiser(x_t, sigma.flatten(), class_labels)
     return (weight * (D_x - x) ** 2).flatten(1).mean(1)   # [B]
 

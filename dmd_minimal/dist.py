@@ -9,6 +9,7 @@ batch; DistributedDataParallel averages the trained networks' gradients across p
 them take the same optimizer step on the gradient of the global batch.
 """
 import contextlib
+import datetime
 import os
 
 import torch
@@ -31,8 +32,13 @@ def check_device(name):
         raise DMDError(f"--device {name}: dmd_minimal runs on cpu, cuda or cuda:N (mps where available)")
 
 
-def setup(device=""):
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); returns (rank, world_size, device)."""
+def setup(device="", timeout=1800):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); returns (rank, world_size, device).
+
+    timeout: seconds a collective waits for the slowest process before the run stops with an error. Every
+    stage splits its work evenly, so the longest legitimate wait is process 0 alone writing a checkpoint
+    or scoring samples; NCCL's default of 10 minutes is too short for that at ImageNet's scale.
+    """
     check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
@@ -44,7 +50,8 @@ def setup(device=""):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -69,6 +76,15 @@ def any_process(flag, device):
     flag = torch.tensor(float(bool(flag)), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+def mean_over_processes(values, device):
+    """{name: float} averaged over the processes (one all_reduce): the logged losses are every process's."""
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
 def cleanup():

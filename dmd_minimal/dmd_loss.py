@@ -31,7 +31,7 @@ def draw_sigmas(levels, batch_size, lo=0, hi=None):
 
 
 @torch.no_grad()
-def dmd_terms(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
+def dmd_terms(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False, noise=None):
     """What one DMD update direction is made of (DMD Eq. 7-8, Algorithm 2): dict(x_t, mu_real, mu_fake [B, ...],
     w [B], grad [B, ...]), in fp32. dmd_gradient returns grad; the tutorials draw the rest.
 
@@ -39,10 +39,10 @@ def dmd_terms(x, sigma, teacher, fake_score, class_labels=None, real_score_only=
     Since s = (mu - x_t) / sigma^2, grad is proportional to s_fake - s_real, so x - grad moves x towards
     "more real, less fake". w = 1 / mean|x - mu_real| (per sample) normalises the gradient's size across sigmas.
     real_score_only: mu_fake = x, so grad = w (x - mu_real) follows the real score alone (the paper's Fig. 3
-    ablation, which collapses onto the nearest mode).
+    ablation, which collapses onto the nearest mode). noise: n [B, ...] drawn beforehand (default: drawn here).
     """
     x = x.float()
-    x_t = x + append_dims(sigma, x.ndim) * torch.randn_like(x)
+    x_t = x + append_dims(sigma, x.ndim) * (torch.randn_like(x) if noise is None else noise)
     mu_real = teacher(x_t, sigma, class_labels)
     mu_fake = x if real_score_only else fake_score(x_t, sigma, class_labels)
     w = 1 / ((x - mu_real).abs().flatten(1).mean(1) + 1e-8)          # [B]   Eq. 8
@@ -50,9 +50,9 @@ def dmd_terms(x, sigma, teacher, fake_score, class_labels=None, real_score_only=
     return dict(x_t=x_t, mu_real=mu_real, mu_fake=mu_fake, w=w, grad=grad)
 
 
-def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False):
+def dmd_gradient(x, sigma, teacher, fake_score, class_labels=None, real_score_only=False, noise=None):
     """The per-sample DMD update direction grad = w (mu_fake - mu_real) [B, ...] (DMD Eq. 7-8; see dmd_terms)."""
-    return dmd_terms(x, sigma, teacher, fake_score, class_labels, real_score_only)["grad"]
+    return dmd_terms(x, sigma, teacher, fake_score, class_labels, real_score_only, noise)["grad"]
 
 
 def distribution_matching_loss(x, grad):
@@ -65,10 +65,10 @@ def distribution_matching_loss(x, grad):
     return 0.5 * F.mse_loss(x.float(), target)
 
 
-def fake_score_loss(fake_score, x, levels, class_labels=None):
-    """The fake score's denoising loss on detached generator samples, sigma uniform over the grid (Eq. 6)."""
-    sigma = draw_sigmas(levels, x.shape[0])
-    return denoising_loss(fake_score, x.detach().float(), sigma, class_labels).mean()
+def fake_score_loss(fake_score, x, sigma, class_labels=None, noise=None):
+    """The fake score's denoising loss on detached generator samples (Eq. 6), at sigma [B]: uniform over the
+    grid, draw_sigmas(levels, B)."""
+    return denoising_loss(fake_score, x.detach().float(), sigma, class_labels, noise).mean()
 
 
 def regression_loss(x, y, lpips=None, resolution=224):
@@ -85,7 +85,7 @@ def regression_loss(x, y, lpips=None, resolution=224):
     return lpips(x, y).mean()
 
 
-def lpips_vgg(device="cpu", pooling="avg"):
+def lpips_vgg(device="cpu", pooling="avg", random_vgg=False):
     """LPIPS with the VGG16 backbone (Zhang et al. 2018, arXiv 1801.03924), frozen and in eval mode.
 
     pooling="avg" (as DMD used it): DMD (Appendix B) takes PIQ's LPIPS "following Consistency Models", whose
@@ -94,7 +94,8 @@ def lpips_vgg(device="cpu", pooling="avg"):
     ContentLoss.replace_pooling). "max": the original LPIPS. The linear heads and their weights are the
     lpips package's, which PIQ's match. torchvision downloads VGG16's ImageNet weights into torch.hub's
     cache on first use, which fails without internet: then a one-line error says where to put the file.
-    It runs in fp32: lpips normalises features with eps 1e-10, zero in fp16.
+    It runs in fp32: lpips normalises features with eps 1e-10, zero in fp16. random_vgg: VGG16 with random
+    weights (no download; the same cost, for timing a run, not for training one).
     """
     if pooling not in ("avg", "max"):
         raise DMDError(f"LPIPS pooling must be avg or max, not {pooling!r}")
@@ -103,7 +104,7 @@ def lpips_vgg(device="cpu", pooling="avg"):
     try:
         with warnings.catch_warnings():   # lpips 0.1.4 passes torchvision's deprecated pretrained=True
             warnings.simplefilter("ignore", UserWarning)
-            net = lpips.LPIPS(net="vgg", verbose=False)
+            net = lpips.LPIPS(net="vgg", pnet_rand=random_vgg, verbose=False)
     except (OSError, RuntimeError) as e:   # no internet (urllib's errors are OSErrors), or a corrupt file
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {url} into {folder}/, "

@@ -1,22 +1,26 @@
 """Regression pairs (z, y): noise and the sample the teacher's deterministic ODE makes from it (DMD §3.3).
 
     python -m dmd_minimal.pairs --teacher edm-cifar10-32x32-cond-vp.pkl --out pairs/cifar10-cond --num 100000 --steps 18
-    torchrun --nproc_per_node 8 -m dmd_minimal.pairs ...       # shards split across the GPUs
+    torchrun --nproc_per_node 8 -m dmd_minimal.pairs ...       # the missing pairs split evenly across the GPUs
 
 Pair i uses noise seeded by (seed, i) and class label i % num_classes (balanced classes), so it is the
 same whatever the batch size, the number of processes or an interruption. The generator later regresses
 G(z) onto y (Eq. 9). The paper makes 100k (CIFAR-10 cond) / 500k (uncond) pairs with 18 Heun steps and
 25k (ImageNet-64) with 256 steps. Pairs live in a folder of shards, each written atomically with a
-checksum: an interrupted run keeps its finished shards and a rerun makes only the missing ones. The
+checksum: an interrupted run keeps its finished shards and a rerun makes only the missing pairs. Each
+process makes an equal share (+-1 pair) of the missing pairs, so none waits long for another; where a
+share cuts a shard, its piece is a file of its own (shard-K-START-STOP.pt beside whole shards shard-K.pt). The
 shards hold y alone: z and the label follow from i and are made again when a batch needs them, and y is
 mapped from disk, so processes share the page cache instead of each holding every pair. The manifest
 records the teacher (networks.denoiser_hash) and the sampler's settings: pairs of another teacher are
 never reused.
 """
 import argparse
+import bisect
 import json
 import math
 import os
+import re
 import sys
 
 import torch
@@ -34,8 +38,44 @@ PROVENANCE_KEYS = ("teacher", *SAMPLER_KEYS)   # what made the pairs; teacher_pa
 MANIFEST_KEYS = ("count", "shape", "seed", "label_dim", "shard_size", *PROVENANCE_KEYS, "teacher_path")
 
 
-def shard_name(k):
-    return f"shard-{k:05d}.pt"
+SHARD_FILE = re.compile(r"shard-(\d+)(?:-(\d+)-(\d+))?\.pt")   # a whole shard K, or pairs START..STOP-1 of it
+
+
+def shard_name(k, start=None, stop=None):
+    """shard-K.pt for the whole shard k, shard-K-START-STOP.pt for the piece of it holding pairs start..stop-1."""
+    return f"shard-{k:05d}.pt" if start is None else f"shard-{k:05d}-{start}-{stop}.pt"
+
+
+def stored_ranges(folder, count, shard_size):
+    """{file name: (start, stop)} of the pair files in folder, in order of start."""
+    ranges = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        match = SHARD_FILE.fullmatch(name)
+        if match and match.group(2) is None:
+            k = int(match.group(1))
+            ranges[name] = (k * shard_size, min(count, (k + 1) * shard_size))
+        elif match:
+            ranges[name] = (int(match.group(2)), int(match.group(3)))
+    return dict(sorted(ranges.items(), key=lambda item: item[1]))
+
+
+def missing_pairs(folder, count, shard_size):
+    """The indices [M] of the pairs no file in folder holds yet."""
+    done = torch.zeros(count, dtype=torch.bool)
+    for start, stop in stored_ranges(folder, count, shard_size).values():
+        done[start:stop] = True
+    return (~done).nonzero().flatten()
+
+
+def pieces(indices, shard_size):
+    """Split sorted pair indices into runs of consecutive ones that stay inside one shard: (k, start, stop)."""
+    runs, start = [], None
+    for i, j in zip(indices.tolist(), indices.tolist()[1:] + [None]):
+        start = i if start is None else start
+        if j != i + 1 or j % shard_size == 0:   # a gap or a shard boundary ends the run
+            runs.append((start // shard_size, start, i + 1))
+            start = None
+    return runs
 
 
 def heun_sampler(num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
@@ -111,23 +151,27 @@ def check_manifest(folder, manifest, fix=""):
 
 
 def make_pairs(teacher, folder, manifest, batch_size=256, rank=0, world_size=1):
-    """Make the missing shards of the pairs that manifest (pairs_manifest) asks for; shard k by rank k % world_size."""
+    """Make the pairs that manifest (pairs_manifest) asks for and folder lacks: this process's equal share of them.
+
+    Returns the number of pairs this process made.
+    """
     count, shard_size = manifest["count"], manifest["shard_size"]
     if count < 1 or shard_size < 1 or batch_size < 1:
         raise DMDError(f"pairs need count, shard_size and batch_size >= 1, not {count}, {shard_size}, {batch_size}")
     check_manifest(folder, manifest)
+    missing = missing_pairs(folder, count, shard_size)
+    dist.barrier()   # every process has listed the folder before any writes into it
+    mine = missing.tensor_split(world_size)[rank]   # contiguous shares whose sizes differ by one at most
     sampler = {key: manifest[key] for key in SAMPLER_KEYS}
-    num_shards = math.ceil(count / shard_size)
-    todo = [k for k in range(rank, num_shards, world_size)
-            if not os.path.isfile(os.path.join(folder, shard_name(k)))]
-    todo_pairs = sum(min(count, (k + 1) * shard_size) - k * shard_size for k in todo)
-    with tqdm(total=todo_pairs, desc="pairs", unit="pair", disable=hide_progress(rank) or not todo,
+    with tqdm(total=len(mine), desc="pairs", unit="pair", disable=hide_progress(rank) or not len(mine),
               mininterval=1.0) as progress:
-        for k in todo:
-            indices = range(k * shard_size, min(count, (k + 1) * shard_size))
-            shard = generate_pairs(teacher, indices, tuple(manifest["shape"]), manifest["seed"],
+        for k, start, stop in pieces(mine, shard_size):
+            shard = generate_pairs(teacher, range(start, stop), tuple(manifest["shape"]), manifest["seed"],
                                    batch_size=batch_size, progress=progress, **sampler)
-            atomic_save(dict(y=shard["y"], start=indices.start), os.path.join(folder, shard_name(k)))
+            whole = (start, stop) == (k * shard_size, min(count, (k + 1) * shard_size))
+            name = shard_name(k) if whole else shard_name(k, start, stop)
+            atomic_save(dict(y=shard["y"], start=start), os.path.join(folder, name))
+    return len(mine)
 
 
 def load_shard(path, start, size, shape):
@@ -167,15 +211,23 @@ def load_pairs(folder, shape=None):
     if shape is not None and stored_shape != tuple(shape):
         raise DMDError(f"pairs in {folder} have shape {stored_shape}, but the teacher makes {tuple(shape)}: "
                        f"make pairs for this teacher in another folder")
-    paths = [os.path.join(folder, shard_name(k)) for k in range(math.ceil(count / shard_size))]
-    done = sum(os.path.isfile(path) for path in paths)
-    if done < len(paths):
-        raise DMDError(f"pairs incomplete: {done} of {len(paths)} shards in {folder}; "
+    ranges = stored_ranges(folder, count, shard_size)
+    held = sum(stop - start for start, stop in ranges.values())
+    if held < count:
+        raise DMDError(f"pairs incomplete: {held} of {count} pairs in {folder}; "
                        f"rerun the pairs command (or train) with the same settings to finish them")
-    ys = [load_shard(path, k * shard_size, min(count, (k + 1) * shard_size) - k * shard_size, stored_shape)
-          for k, path in enumerate(paths)]
+    starts, stops = [a for a, _ in ranges.values()], [b for _, b in ranges.values()]
+    if starts[0] != 0 or stops[-1] != count or starts[1:] != stops[:-1]:   # pieces that overlap or leave a gap
+        raise DMDError(f"pairs folder {folder} holds shards that overlap ({', '.join(ranges)}): "
+                       f"delete {folder} and make the pairs again")
+    ys = [load_shard(os.path.join(folder, name), start, stop - start, stored_shape)
+          for name, (start, stop) in ranges.items()]
+
+    def gather(i):   # [B, *shape]: row j from the file whose range holds it
+        files = [bisect.bisect_right(starts, j) - 1 for j in i.tolist()]
+        return torch.stack([ys[f][j - starts[f]] for f, j in zip(files, i.tolist())])
     every = (count, *stored_shape)
-    y = Rows(every, lambda i: torch.stack([ys[j // shard_size][j % shard_size] for j in i.tolist()]))   # [B, *shape]
+    y = Rows(every, gather)                                                                             # [B, *shape]
     z = Rows(every, lambda i: per_index_noise(i, stored_shape, manifest["seed"]))                       # [B, *shape]
     labels = torch.arange(count) % manifest["label_dim"] if manifest["label_dim"] else None
     return dict(z=z, y=y, labels=labels, manifest=manifest)
@@ -195,22 +247,22 @@ def main(argv=None):
     parser.add_argument("--rho", type=float, default=7.0, help="Karras schedule curvature (default 7)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
     args = parser.parse_args(argv)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # set by torchrun
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     try:
         check_at_least(args, dict(num=1, steps=1, batch_size=1, shard_size=1, seed=0))   # --steps 0: targets all 0
         for flag in ("sigma_min", "rho"):
             check_option(math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0, "--" + flag.replace("_", "-"),
                          getattr(args, flag), "> 0")
         check_option(args.sigma_max > args.sigma_min, "--sigma-max", args.sigma_max, f"> --sigma-min {args.sigma_min}")
-        dist.check_device(device)
+        rank, world_size, device = dist.setup(args.device or "")   # torchrun: one process per GPU
         teacher = load_denoiser(args.teacher).to(device)
         manifest = pairs_manifest(teacher, args.num, args.seed, heun_sampler(args.steps, args.sigma_min,
                                   args.sigma_max, args.rho), args.shard_size, args.teacher)
-        make_pairs(teacher, args.out, manifest, args.batch_size, rank, world_size)
-        print(f"rank {rank}: pairs 0..{args.num - 1} of {world_size} process(es) are in {args.out}")
+        made = make_pairs(teacher, args.out, manifest, args.batch_size, rank, world_size)
+        print(f"process {rank} of {world_size}: made {made} pairs into {args.out}")
     except DMDError as e:
         sys.exit(f"error: {e}")
+    finally:
+        dist.cleanup()
 
 
 if __name__ == "__main__":

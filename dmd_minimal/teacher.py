@@ -164,8 +164,13 @@ def train_new_teacher(cfg, path):
     atomic_save(dict(config=dataclasses.asdict(saved_cfg), denoiser=denoiser_to_dict(teacher), losses=losses), path)
 
 
+def released_teacher(cfg):
+    """The URL of EDM's released teacher for cfg's data (cifar10 cond / uncond, imagenet64), or ""."""
+    return EDM_TEACHERS.get(f"{cfg.dataset}-{'uncond' if cfg.unconditional else 'cond'}", "")
+
+
 def get_teacher(cfg, out):
-    """The teacher from --teacher, from OUT/teacher.pt, or trained now with EDM's loss (by process 0)."""
+    """The teacher from --teacher, from OUT/teacher.pt, or trained now with EDM's loss (in one process)."""
     if cfg.teacher:
         teacher = load_teacher(cfg.teacher, cfg)
         check_teacher(teacher, cfg, cfg.teacher)
@@ -173,16 +178,15 @@ def get_teacher(cfg, out):
     path = out / "teacher.pt"
     if not path.exists():
         if cfg.dataset not in TRAINED_HERE and cfg.stage != "teacher":
-            url = EDM_TEACHERS.get(f"{cfg.dataset}-{'uncond' if cfg.unconditional else 'cond'}")
-            released = f"EDM's released teacher with --teacher {url}" if url else "a teacher with --teacher PATH"
             raise DMDError(f"no teacher for {data_name(cfg.dataset, cfg.toy, cfg.unconditional)} in {out}: "
-                           f"distil {released}, or train one here first with --stage teacher --data-dir DIR")
-        if dist.rank() == 0:
-            torch.manual_seed(cfg.seed)
-            train_new_teacher(cfg, path)
+                           f"distil one with --teacher PATH, or train one here first with --stage teacher --data-dir DIR")
+        if dist.world_size() > 1:   # one process training while the others wait would outlast any timeout
+            raise DMDError(f"a teacher trains in one process: run this command with --stage teacher without "
+                           f"torchrun first (it writes {path}), then under torchrun to distil it")
+        torch.manual_seed(cfg.seed)
+        train_new_teacher(cfg, path)
     elif dist.rank() == 0:
         print(f"reusing the teacher in {path}")
-    dist.barrier()   # the others wait for process 0's teacher
     fix = redo_advice(out, "teacher.pt", "teacher")   # and what was made from it: no pairs of another teacher
     saved = load_file(path, "teacher", required=("config", "denoiser"), fix=fix)
     # A folder's path names its images; for the named data sets --data-dir only says where the same files are.

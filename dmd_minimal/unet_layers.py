@@ -87,21 +87,22 @@ class Conv(nn.Module):
         self.register_buffer("resample_filter", fir if resample else None)
 
     def forward(self, x):
-        fir = self.resample_filter
-        w_pad = self.weight.shape[-1] // 2 if self.weight is not None else 0
+        fir = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w = self.weight.to(x.dtype) if self.weight is not None else None   # as EDM: the activations' dtype
+        w_pad = w.shape[-1] // 2 if w is not None else 0
         if self.resample == "fused_down":
             f_pad = (fir.shape[-1] - 1) // 2
-            x = F.conv2d(x, self.weight, padding=w_pad + f_pad)                    # [B, C_out, H + 2 f_pad, ...]
+            x = F.conv2d(x, w, padding=w_pad + f_pad)                              # [B, C_out, H + 2 f_pad, ...]
             x = downsample_2x(x, fir, pad=0)                                       # [B, C_out, H/2, W/2]
         else:
             if self.resample == "up":
                 x = upsample_2x(x, fir)
             if self.resample == "down":
                 x = downsample_2x(x, fir)
-            if self.weight is not None:
-                x = F.conv2d(x, self.weight, padding=w_pad)                        # [B, C_out, H, W]
-        if self.bias is not None:
-            x = x + append_dims(self.bias, 3)                                      # bias [C_out, 1, 1]
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)                                  # [B, C_out, H, W]
+        if self.bias is not None:   # in the convolution's dtype: bf16 stays bf16 from layer to layer
+            x = x + append_dims(self.bias.to(x.dtype), 3)                          # bias [C_out, 1, 1]
         return x
 
 

@@ -1,6 +1,9 @@
-"""Small shared helpers: user-facing errors, progress bars, atomic checksummed files, per-index noise, RNG state."""
+"""Small shared helpers: user-facing errors, progress bars, locks, atomic checksummed files, per-index noise."""
+import contextlib
+import fcntl
 import hashlib
 import os
+import socket
 import tempfile
 
 import torch
@@ -47,10 +50,45 @@ def check_writable(folder, flag="--out"):
         raise DMDError(f"{flag} {folder} is not a folder this process can write into ({reason(e)})") from None
 
 
-def atomic_write(path, write):
+@contextlib.contextmanager
+def file_lock(path, wait=True):
+    """Hold an fcntl lock on the file at path (created if missing) for the with-block. The system releases it
+    when the process ends, also after kill -9, so no stale lock outlives a crash. wait=False: BlockingIOError
+    at once where another process holds it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield f
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """One run per output folder: hold FOLDER/.lock while the with-block runs; a second run stops at once with
+    a one-line error that names the process holding it."""
+    path = os.path.join(folder, ".lock")
+    lock = file_lock(path, wait=False)
+    try:
+        f = lock.__enter__()
+    except BlockingIOError:
+        with open(path) as held:
+            holder = held.read().strip() or "another process"
+        raise DMDError(f"{folder} is in use by another run ({holder}): wait for it to end or stop it, "
+                       f"or use another --out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def atomic_write(path, write, before_replace=None):
     """Call write(f) on a temporary file in the same folder, then rename: never a half-written file.
 
     An OSError (a full disk, a read-only folder, ...) becomes a one-line error, the old file left as it was.
+    before_replace(): called once the file is written, just before it takes its name.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -60,6 +98,8 @@ def atomic_write(path, write):
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
+            if before_replace is not None:
+                before_replace()
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -91,9 +131,10 @@ def digest(obj):
     return h.hexdigest()
 
 
-def atomic_save(obj, path):
-    """torch.save a dict atomically, with the digest of its contents under "checksum" (load_file checks it)."""
-    atomic_write(path, lambda f: torch.save(dict(obj, checksum=digest(obj)), f))
+def atomic_save(obj, path, before_replace=None):
+    """torch.save a dict atomically (atomic_write), with the digest of its contents under "checksum"
+    (load_file checks it)."""
+    atomic_write(path, lambda f: torch.save(dict(obj, checksum=digest(obj)), f), before_replace)
 
 
 def load_file(path, kind, required=(), fix="", mmap=False):

@@ -98,7 +98,7 @@ def test_fake_score_loss_of_an_exact_fake_score_is_one():
     """The fake score's loss is EDM's weighted loss, which equals 1 for the exact denoiser of the samples."""
     fake = isotropic_gaussian(2, 0.0, 1.5)
     fake.sigma_data = 1.5
-    loss = fake_score_loss(fake, 1.5 * torch.randn(100000, 2), sigma_levels())
+    loss = fake_score_loss(fake, 1.5 * torch.randn(100000, 2), draw_sigmas(sigma_levels(), 100000))
     assert abs(loss.item() - 1) < 0.02
 
 

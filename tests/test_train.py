@@ -234,7 +234,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(teacher_path, tmp_path, capsys):
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     last = cli_error(train_main, argv + ["--dmd-steps", "100000"], capsys)
     step = load_checkpoint(out / "checkpoint.pt")["step"]
-    assert last == f"error: interrupted: saved {out / 'checkpoint.pt'} at step {step}; rerun the same command to resume"
+    assert last == f"error: interrupted (SIGINT): saved {out / 'checkpoint.pt'} at step {step}; rerun the same command to resume"
     assert 0 < step < 100000
     train_main(argv + ["--dmd-steps", str(step + 2)])   # resumes there
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step + 2
