@@ -92,7 +92,7 @@ def test_non_finite_weights_stop_training_and_never_reach_a_checkpoint(tmp_path,
         train(tiny(tmp_path, dmd_steps=10, keep_checkpoints=5))   # step 4 would have been a checkpoint
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert saved["step"] == 2 and all_finite(saved)
-    assert [p.name for p in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-0000002.pt"]
+    assert not list(tmp_path.glob("checkpoint-*.pt"))   # the checkpoint of step 2 was never moved aside
 
 
 # ---- file-system errors ----------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_stage(tmp_path, mon
     monkeypatch.setattr("tempfile.TemporaryFile", refuse)
     with pytest.raises(DMDError, match="is not a folder this process can write into .*Permission denied"):
         train(tiny(tmp_path / "read-only"))
-    assert list((tmp_path / "read-only").iterdir()) == []   # no teacher was trained
+    assert not (tmp_path / "read-only").exists()   # no teacher was trained, and the folder made for it is gone
 
 
 def fail_halfway(monkeypatch):
@@ -137,7 +137,7 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
                     "--teacher-batch", "64", "--num-pairs", "64", "--batch-size", "64", "--dmd-steps", "6",
                     "--log-every", "2", "--checkpoint-every", "2", "--num-eval", "100"])
     message = exit_info.value.code
-    assert message.startswith(f"error: cannot write {tmp_path / 'checkpoint-0000006.pt'} ([Errno 28] No space left")
+    assert message.startswith(f"error: cannot write {tmp_path / 'checkpoint.pt'} ([Errno 28] No space left")
     assert "\n" not in message
     assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint*.pt")} == checkpoints
     assert not list(tmp_path.rglob(".tmp-*"))
@@ -152,7 +152,7 @@ def test_a_checkpoint_that_fails_halfway_leaves_the_old_one_intact(tmp_path, mon
     save_checkpoint(tmp_path, cfg, nets, training, state)
     before = files(tmp_path)
     fail_halfway(monkeypatch)
-    with pytest.raises(DMDError, match="cannot write .*checkpoint-0000003.pt .*No space left on device"):
+    with pytest.raises(DMDError, match="cannot write .*checkpoint.pt .*No space left on device"):
         save_checkpoint(tmp_path, cfg, nets, training, state)   # the same step again
     assert files(tmp_path) == before
 

@@ -16,6 +16,7 @@ from dmd_minimal.sampler import sample_ode
 from dmd_minimal.toy2d import exact_denoiser
 from dmd_minimal.train import pair_batches
 from dmd_minimal.utils import DMDError, atomic_save
+from test_cluster import in_processes
 from test_edm_networks import tiny_denoiser
 
 BATCH = 3   # pairs per teacher call; shards of 6, 6, 6, 2
@@ -69,7 +70,7 @@ def tensors(pairs):
 def assert_same_pairs(a, b, exact=True):
     (z_a, y_a, labels_a), (z_b, y_b, labels_b) = tensors(a), tensors(b)
     assert torch.equal(z_a, z_b) and torch.equal(labels_a, labels_b)
-    assert torch.equal(y_a, y_b) if exact else torch.allclose(y_a, y_b, atol=1e-5)
+    assert torch.equal(y_a, y_b) if exact else torch.allclose(y_a, y_b, rtol=1e-4, atol=1e-5)   # other batches
 
 
 def test_pair_i_is_independent_of_batch_size_and_order():
@@ -104,7 +105,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
         make_pairs(interrupting(teacher, limit=25), tmp_path / "cut", manifest(teacher), BATCH)
     finished = shard_files(tmp_path / "cut")
     assert sorted(finished) == ["manifest.json", "shard-00000.pt", "shard-00001.pt"]   # no half-written shard
-    with pytest.raises(DMDError, match=r"^pairs incomplete: 2 of 4 shards in .*; rerun"):
+    with pytest.raises(DMDError, match=r"^pairs incomplete: 12 of 20 pairs in .*; rerun"):
         load_pairs(tmp_path / "cut")
 
     counting = interrupting(teacher)
@@ -114,15 +115,6 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert_same_pairs(load_pairs(tmp_path / "cut"), whole)
     make_pairs(counting, tmp_path / "cut", manifest(teacher), BATCH)
     assert counting.calls == 15                          # a finished folder costs nothing
-
-
-def test_ranks_one_after_the_other_equal_one_process(tmp_path):
-    teacher = mlp_teacher()
-    make_pairs(teacher, tmp_path / "one", manifest(teacher), BATCH)
-    make_pairs(teacher, tmp_path / "two", manifest(teacher), BATCH, rank=1, world_size=2)
-    assert sorted(os.listdir(tmp_path / "two")) == ["manifest.json", "shard-00001.pt", "shard-00003.pt"]
-    make_pairs(teacher, tmp_path / "two", manifest(teacher), BATCH, rank=0, world_size=2)
-    assert shard_files(tmp_path / "two") == shard_files(tmp_path / "one")
 
 
 @pytest.mark.parametrize("image", [False, True], ids=["[B, 2]", "[B, 3, 8, 8]"])
@@ -239,12 +231,9 @@ def test_cli_on_an_image_teacher_split_across_ranks(tmp_path, monkeypatch):
     atomic_save(dict(denoiser=denoiser_to_dict(teacher)), tmp_path / "teacher.pt")
     args = ["--teacher", tmp_path / "teacher.pt", "--out", tmp_path / "cli", "--num", 5, "--steps", 2,
             "--batch-size", 2, "--shard-size", 2, "--device", "cpu"]
-    monkeypatch.setenv("WORLD_SIZE", "2")                                  # as torchrun sets them
-    monkeypatch.setenv("RANK", "0")
-    main(list(map(str, args)))
-    assert sorted(os.listdir(tmp_path / "cli")) == ["manifest.json", "shard-00000.pt", "shard-00002.pt"]
-    monkeypatch.setenv("RANK", "1")
-    main(list(map(str, args)))                                             # the second rank finishes the folder
+    in_processes(main, list(map(str, args)), folder=tmp_path)   # torchrun's two processes: pairs 0..2 and 3..4
+    assert sorted(os.listdir(tmp_path / "cli")) == ["manifest.json", "shard-00000.pt", "shard-00001-2-3.pt",
+                                                    "shard-00001-3-4.pt", "shard-00002.pt"]
     make_pairs(teacher, tmp_path / "direct", manifest(teacher, count=5, seed=0, num_steps=2, shard_size=2), 2)
     assert_same_pairs(load_pairs(tmp_path / "cli", shape=(3, 8, 8)), load_pairs(tmp_path / "direct"), exact=False)
     assert load_pairs(tmp_path / "cli")["manifest"]["teacher_path"] == str(tmp_path / "teacher.pt")
