@@ -114,7 +114,8 @@ PRESETS = {
                     pair_steps=18,                  # Heun, 35 NFE (EDM's CIFAR-10 sampler)
                     # A teacher from scratch (--stage teacher): EDM's README `--cond=1 --arch=ddpmpp` with
                     # EDM train.py's defaults: batch 512, lr 1e-3, 200 Mimg, EMA half-life 0.5 Mimg.
-                    teacher_batch=512, teacher_lr=1e-3, teacher_steps=390_625, teacher_ema=0.99929),
+                    teacher_batch=512, teacher_lr=1e-3, teacher_steps=390_625, teacher_ema=0.99929,
+                    eval_every=5000),               # Inception FID against EDM's statistics where they are cached
     "imagenet64": dict(resolution=64, sigma_data=0.5,
                        batch_size=336,              # 7 GPUs x 48
                        lr=2e-6, fake_lr=2e-6,
@@ -124,7 +125,8 @@ PRESETS = {
                        pair_steps=256,              # Heun, 511 NFE
                        # A teacher from scratch: EDM's README for edm-imagenet-64x64-cond-adm: batch 4096,
                        # lr 1e-4, 2500 Mimg, EMA half-life 50 Mimg (32 A100s for 13 days).
-                       teacher_batch=4096, teacher_lr=1e-4, teacher_steps=610_352, teacher_ema=0.999943),
+                       teacher_batch=4096, teacher_lr=1e-4, teacher_steps=610_352, teacher_ema=0.999943,
+                       eval_every=5000),
     # shapes: 16x16 procedural images (data.py) for the tests and the tutorial, sized for minutes on a
     # CPU (a teacher step of batch 32 is ~3.5 GFLOP). LPIPS would upsample every image to 224x224 for
     # VGG, far too slow on a CPU (and its weights need a download): l2 instead. The fake score learns

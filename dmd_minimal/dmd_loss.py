@@ -18,6 +18,9 @@ from .sampler import karras_sigmas
 from .utils import DMDError, reason
 
 
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"   # what torchvision's VGG16 fetches for LPIPS
+
+
 def sigma_levels(num_levels=1000, sigma_min=0.002, sigma_max=80.0, rho=7.0, device=None):
     """The discrete noise grid [num_levels], ascending: index 0 is sigma_min, the last sigma_max."""
     return karras_sigmas(num_levels, sigma_min, sigma_max, rho, device)[:-1].flip(0).float()
@@ -100,14 +103,13 @@ def lpips_vgg(device="cpu", pooling="avg", random_vgg=False):
     if pooling not in ("avg", "max"):
         raise DMDError(f"LPIPS pooling must be avg or max, not {pooling!r}")
     import lpips   # here: importing it (and torchvision's models) takes seconds, and toy runs never need it
-    url = "https://download.pytorch.org/models/vgg16-397923af.pth"   # what torchvision's VGG16 fetches
     try:
         with warnings.catch_warnings():   # lpips 0.1.4 passes torchvision's deprecated pretrained=True
             warnings.simplefilter("ignore", UserWarning)
             net = lpips.LPIPS(net="vgg", pnet_rand=random_vgg, verbose=False)
     except (OSError, RuntimeError) as e:   # no internet (urllib's errors are OSErrors), or a corrupt file
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {url} into {folder}/, "
+        raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {VGG16_URL} into {folder}/, "
                        f"or use --regression-loss l2") from None
     if pooling == "avg":
         for stage in net.net.children():   # lpips's VGG16: five nn.Sequential slices, a max pooling opening slices 2-5

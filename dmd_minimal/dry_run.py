@@ -22,10 +22,12 @@ import torch
 from . import dist
 from .checkpoint import save_checkpoint
 from .config import regression_batch
-from .dmd_loss import lpips_vgg, sigma_levels
+from .dmd_loss import VGG16_URL, lpips_vgg, sigma_levels
 from .networks import IMAGE_NETWORKS, build_denoiser, sample_shape
 from .teacher import TRAINED_HERE, data_spec, teacher_network
-from .utils import DMDError
+
+
+VGG16_FILE = os.path.basename(VGG16_URL)
 
 
 def random_teacher(cfg):
@@ -39,11 +41,10 @@ def random_teacher(cfg):
 
 
 def random_lpips(device, pooling):
-    """LPIPS with VGG16's ImageNet weights where cached, else with random ones (lpips_vgg): which, and it."""
-    try:
+    """LPIPS with VGG16's ImageNet weights where cached, else with random ones (lpips_vgg; no download): which, and it."""
+    if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)):
         return "VGG16", lpips_vgg(device, pooling)
-    except DMDError:
-        return "VGG16 with random weights", lpips_vgg(device, pooling, random_vgg=True)
+    return "VGG16 with random weights", lpips_vgg(device, pooling, random_vgg=True)
 
 
 def sync(device):
@@ -119,7 +120,7 @@ def dry_run(cfg, build_dmd, dmd_iteration):
     nets, training = build_dmd(cfg, teacher, lpips)
     levels = sigma_levels(cfg.num_levels, cfg.sigma_min, cfg.sigma_max, cfg.rho, device)
     share = cfg.batch_size // world_size
-    micro = max(2, min(cfg.batch_gpu or 2, share))
+    micro = max(2, min(cfg.batch_gpu or 4, share))   # two sizes give the memory per image (on a GPU)
     _, peak_one = iterate(cfg, nets, training, dmd_iteration, 1, levels)        # also the warm-up
     seconds, peak = iterate(cfg, nets, training, dmd_iteration, micro, levels)
     per_image = seconds / micro
@@ -153,10 +154,11 @@ def dry_run(cfg, build_dmd, dmd_iteration):
     teacher_note = "" if cfg.dataset not in TRAINED_HERE else " (plus training the teacher, when OUT has none)"
     for n in sorted({1, 8, world_size}):
         total = pair_seconds / n + cfg.dmd_steps * per_image * cfg.batch_size / n
-        say(f"  estimate     on {n} process(es) like this one: pairs {duration(pair_seconds / n)}, "
+        say(f"  estimate     on {n} process(es) like this one, at {micro} images per pass: pairs {duration(pair_seconds / n)}, "
               f"{cfg.dmd_steps:,} DMD steps at batch {cfg.batch_size} {duration(total - pair_seconds / n)}: "
               f"{duration(total)}{teacher_note}")
         plan[f"seconds_on_{n}"] = total
-    if regression_batch(cfg) != cfg.batch_size:
-        say(f"  note         the estimate assumes regression batches as large as --batch-size ({cfg.batch_size})")
+    say("  note         larger passes (--batch-gpu) take less time per image; the pairs are made 256 at a time"
+        + (f"; regression batches assumed as large as --batch-size ({cfg.batch_size})"
+           if regression_batch(cfg) != cfg.batch_size else ""))
     return plan

@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from . import dist
@@ -496,8 +498,8 @@ def add_scalars(board, record):
 def add_grid(board, path, step):
     """An image grid written to path, as a TensorBoard image at step."""
     if board is not None:
-        from torchvision.io import read_image
-        board.add_image("samples", read_image(os.fspath(path)), step)
+        with Image.open(path) as grid:
+            board.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
 
 def divergence(metrics, nets, skipped_in_a_row, max_skipped):

@@ -335,3 +335,90 @@ def test_bf16_is_the_default_only_where_the_gpu_has_it(monkeypatch, capability, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert default_precision(torch.device("cuda")) == expected
     assert default_precision(torch.device("cpu")) == "fp32"
+
+
+# ---- the headline commands, the dry run, monitoring -----------------------------------------------
+
+def test_the_headline_command_distils_edms_teacher_and_offline_leaves_nothing_behind(tmp_path, monkeypatch):
+    from dmd_minimal.load import EDM_TEACHERS, cache_path
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("no internet")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--dataset", "imagenet64"])
+    url = EDM_TEACHERS["imagenet64-cond"]
+    assert exit_info.value.code == (f"error: cannot download {url} (no internet): without internet, download it "
+                                    f"elsewhere and put it in {tmp_path / 'hub' / 'checkpoints'}/ as "
+                                    f"{os.path.basename(cache_path(url))}")
+    assert not (tmp_path / "runs").exists()
+    for dataset, unconditional, key in (("cifar10", False, "cifar10-cond"), ("cifar10", True, "cifar10-uncond")):
+        cfg = resolve(make_config(dataset, unconditional=unconditional, out=str(tmp_path / key)))
+        assert cfg.teacher == EDM_TEACHERS[key] and cfg.eval_every > 0   # FID during training where it can be had
+
+
+def test_the_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    from dmd_minimal.dry_run import random_teacher
+    plan = train(make_config("shapes", out=str(tmp_path / "run"), device="cpu", dry_run=True, batch_gpu=4))
+    printed = capsys.readouterr().out
+    teacher = random_teacher(resolve(make_config("shapes", device="cpu")))
+    assert plan["parameters"] == sum(p.numel() for p in teacher.parameters())
+    assert plan["checkpoint_bytes"] > 2 * 4 * plan["parameters"]   # generator, fake score, Adam's two moments each
+    assert plan["seconds_on_8"] < plan["seconds_on_1"]
+    for line in ("networks", "iteration", "checkpoint", "pairs", "estimate"):
+        assert f"  {line} " in printed
+    assert not (tmp_path / "run").exists()
+    cifar = random_teacher(resolve(make_config("cifar10", device="cpu")))   # EDM's DDPM++: 56M parameters
+    assert round(sum(p.numel() for p in cifar.parameters()) / 1e6) == 56
+
+
+def test_tensorboard_holds_the_logged_scalars_and_grids(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_train_images import tiny
+    out = tmp_path / "run"
+    train(tiny(out, tiny_teacher(tmp_path / "teacher.pt"), tensorboard=True))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    for key in ("loss_dm", "loss_reg", "loss_fake", "lr", "grad_norm"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [r["step"] for r in log]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
+    grids = sorted(int(p.stem) for p in (out / "grids").glob("0*.png"))
+    assert [image.step for image in events.Images("samples")] == grids
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # not installed
+    with pytest.raises(DMDError, match=r"^--tensorboard needs the tensorboard package: pip install tensorboard$"):
+        resolve(tiny(out, str(tmp_path / "teacher.pt"), tensorboard=True))
+
+
+def download_job(hub, url):
+    """cached_download in every process, through a slow fake download that records who downloaded."""
+    from dmd_minimal.load import cached_download
+
+    def slow(url, dst, *args, **kwargs):
+        time.sleep(1)
+        with open(dst, "w") as f:
+            f.write(f"downloaded by {dist.rank()}")
+    torch.hub.get_dir, torch.hub.download_url_to_file = (lambda: hub), slow
+    with open(cached_download(url)) as f:
+        return f.read()
+
+
+def test_one_process_downloads_while_the_others_wait_for_it(tmp_path):
+    got = in_processes(download_job, str(tmp_path / "hub"), "https://example.com/teacher.pkl", folder=tmp_path)
+    assert got[0] == got[1] and got[0] in ("downloaded by 0", "downloaded by 1")
+
+
+def test_the_weights_are_checked_where_a_log_line_or_a_checkpoint_is_written(toy_teacher, tmp_path, monkeypatch):
+    """Checking every weight waits for the GPU: once per log interval (and before each checkpoint), not every step."""
+    import dmd_minimal.train as train_module
+    checked, divergence = [], train_module.divergence
+
+    def recording(metrics, nets, *args):
+        checked.append(nets is not None)
+        return divergence(metrics, nets, *args)
+    monkeypatch.setattr(train_module, "divergence", recording)
+    train(toy(tmp_path, toy_teacher, dmd_steps=12, log_every=5, checkpoint_every=6))
+    assert [step for step, weights in enumerate(checked, start=1) if weights] == [5, 6, 10, 12]
