@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .denoiser import append_dims, denoising_loss
 from .sampler import karras_sigmas
-from .utils import DMDError, reason
+from .utils import DMDError, file_lock, reason
 
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"   # what torchvision's VGG16 fetches for LPIPS
@@ -103,12 +103,12 @@ def lpips_vgg(device="cpu", pooling="avg", random_vgg=False):
     if pooling not in ("avg", "max"):
         raise DMDError(f"LPIPS pooling must be avg or max, not {pooling!r}")
     import lpips   # here: importing it (and torchvision's models) takes seconds, and toy runs never need it
-    try:
-        with warnings.catch_warnings():   # lpips 0.1.4 passes torchvision's deprecated pretrained=True
-            warnings.simplefilter("ignore", UserWarning)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    try:   # under the lock, one process (of torchrun's) downloads VGG16 while the others wait for it
+        with file_lock(os.path.join(folder, os.path.basename(VGG16_URL) + ".lock")), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # lpips 0.1.4 passes torchvision's deprecated pretrained=True
             net = lpips.LPIPS(net="vgg", pnet_rand=random_vgg, verbose=False)
     except (OSError, RuntimeError) as e:   # no internet (urllib's errors are OSErrors), or a corrupt file
-        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise DMDError(f"cannot load LPIPS's VGG16 weights ({reason(e)}): put {VGG16_URL} into {folder}/, "
                        f"or use --regression-loss l2") from None
     if pooling == "avg":

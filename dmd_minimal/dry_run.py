@@ -149,7 +149,8 @@ def dry_run(cfg, build_dmd, dmd_iteration):
     pair_seconds = cfg.num_pairs * (2 * cfg.pair_steps - 1) * teacher_seconds_per_image(teacher, micro, device) \
         if needs_pairs else 0.0
     if needs_pairs:
-        say(f"  pairs        {cfg.num_pairs:,} x {pixels:,} float32: {cfg.num_pairs * pixels * 4 / 1e9:.2f} GB on disk, "
+        shape = "x".join(map(str, sample_shape(teacher)))
+        say(f"  pairs        {cfg.num_pairs:,} x {shape} float32: {cfg.num_pairs * pixels * 4 / 1e9:.2f} GB on disk, "
               f"{2 * cfg.pair_steps - 1} teacher evaluations each")
     teacher_note = "" if cfg.dataset not in TRAINED_HERE else " (plus training the teacher, when OUT has none)"
     for n in sorted({1, 8, world_size}):
