@@ -70,7 +70,8 @@ def tensors(pairs):
 def assert_same_pairs(a, b, exact=True):
     (z_a, y_a, labels_a), (z_b, y_b, labels_b) = tensors(a), tensors(b)
     assert torch.equal(z_a, z_b) and torch.equal(labels_a, labels_b)
-    assert torch.equal(y_a, y_b) if exact else torch.allclose(y_a, y_b, rtol=1e-4, atol=1e-5)   # other batches
+    # made in other batches: equal up to rounding, relative to the samples' scale (an untrained network's reach 100s)
+    assert torch.equal(y_a, y_b) if exact else (y_a - y_b).abs().max() <= 1e-4 * y_b.abs().max()
 
 
 def test_pair_i_is_independent_of_batch_size_and_order():
