@@ -19,7 +19,7 @@ from .config import Config
 from .networks import denoiser_to_dict
 from .pairs import PROVENANCE_KEYS, describe
 from .report import write_log
-from .utils import DMDError, atomic_save, atomic_write, load_file
+from .utils import DMDError, atomic_save, load_file
 
 # Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
 # path and network flags may change; its identity is checked through the provenance).

@@ -69,8 +69,8 @@ def missing_pairs(folder, count, shard_size):
 
 def pieces(indices, shard_size):
     """Split sorted pair indices into runs of consecutive ones that stay inside one shard: (k, start, stop)."""
-    runs, start = [], None
-    for i, j in zip(indices.tolist(), indices.tolist()[1:] + [None]):
+    runs, start, listed = [], None, indices.tolist()
+    for i, j in zip(listed, listed[1:] + [None]):
         start = i if start is None else start
         if j != i + 1 or j % shard_size == 0:   # a gap or a shard boundary ends the run
             runs.append((start // shard_size, start, i + 1))
