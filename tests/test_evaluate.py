@@ -57,6 +57,24 @@ def test_frechet_distance_matches_closed_forms():
     assert abs(frechet_distance(mu1, S1[:5, :5], mu1, S1[:5, :5])) < 1e-8
 
 
+def test_frechet_distance_of_singular_covariances_matches_closed_forms():
+    # S2 = b b^T (rank 1): (S1^1/2 S2 S1^1/2)^1/2 = c c^T / |c| with c = S1^1/2 b, so its trace is sqrt(b^T S1 b)
+    S1 = np.array([[3., -3, -2, -3], [-3, 3, 2, 3], [-2, 2, 2, 2], [-3, 3, 2, 3]])   # rank 2
+    b = np.array([1., 1, -1, 1])
+    mu1, mu2 = np.array([1., 0, 0, 0]), np.zeros(4)
+    expected = 1 + np.trace(S1) + b @ b - 2 * np.sqrt(b @ S1 @ b)   # 1 + 11 + 4 - 2 = 14
+    # SciPy finds no square root of the singular product S1 S2 (1.17: NaN), so the fallback nudges both
+    # covariances by 1e-6 I: an error of order sqrt(1e-6) per zero eigenvalue
+    assert frechet_distance(mu1, S1, mu2, np.outer(b, b)) == pytest.approx(expected, abs=0.02)
+    # fewer samples than dimensions (20 of 64-d features): both covariances singular, the symmetric form as above
+    rng = np.random.default_rng(0)
+    S1, S2 = np.cov(rng.normal(size=(20, 64)), rowvar=False), np.cov(rng.normal(1, 2, size=(20, 64)), rowvar=False)
+    w, V = np.linalg.eigh(S1)
+    root1 = V @ np.diag(np.sqrt(w.clip(0))) @ V.T
+    expected = np.trace(S1 + S2) - 2 * np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ S2 @ root1).clip(0)))
+    assert frechet_distance(np.zeros(64), S1, np.zeros(64), S2) == pytest.approx(expected, rel=1e-4)
+
+
 def test_inception_score_closed_forms():
     K = 4
     confident = torch.full((40, K), -torch.inf)
