@@ -113,12 +113,28 @@ def random_lpips():
     return net.eval().requires_grad_(False)
 
 
-def test_regression_loss_upsamples_to_224():
+def bilinear_oracle(a, b, c, size, out):
+    """a i + b j + c on a size x size grid [1, 1, size, size], and its bilinear upsampling to out x out in closed
+    form: bilinear interpolation keeps an affine image affine, with output pixel k at source coordinate
+    (k + 0.5) size / out - 0.5 (pixel centres; align_corners=False), clamped to the image's edge."""
+    i = torch.arange(size, dtype=torch.float64)
+    u = ((torch.arange(out, dtype=torch.float64) + 0.5) * size / out - 0.5).clamp(0, size - 1)
+    image = lambda rows, cols: (a * rows[:, None] + b * cols[None, :] + c)[None, None]   # noqa: E731
+    return image(i, i), image(u, u)
+
+
+def test_regression_loss_upsamples_bilinearly_to_224():
+    """LPIPS sees both images bilinearly upsampled to 224 x 224 (DMD §3.3), the default here and in the config."""
     seen = []
-    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.rand(2, 3, 8, 8) * 2 - 1
-    loss = regression_loss(x, y, lambda a, b: seen.append((a.shape, a.min(), a.max())) or (a - b).abs().mean((1, 2, 3)))
-    assert seen[0][0] == (2, 3, 224, 224) and -1 <= seen[0][1] and seen[0][2] <= 1
-    assert loss > 0
+    record = lambda a, b: seen.append((a, b)) or (a - b).abs().mean((1, 2, 3))   # noqa: E731   a stand-in LPIPS
+    (x, x_224), (y, y_224) = bilinear_oracle(0.1, 0.15, -0.9, 8, 224), bilinear_oracle(-0.05, 0.2, -0.5, 8, 224)
+    loss = regression_loss(x.expand(2, 3, -1, -1), y.expand(2, 3, -1, -1), record)
+    a, b = seen[0]
+    assert a.shape == b.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(a, x_224.expand(2, 3, -1, -1).float())
+    torch.testing.assert_close(b, y_224.expand(2, 3, -1, -1).float())
+    torch.testing.assert_close(loss, (x_224 - y_224).abs().mean().float())
+    assert make_config("cifar10").lpips_resolution == make_config("imagenet64").lpips_resolution == 224
 
 
 def test_lpips_sees_a_gray_channel_three_times():
