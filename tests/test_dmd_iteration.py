@@ -1,5 +1,6 @@
 """DMD's loop one piece at a time, each against an oracle: which network sees which sigma and labels,
-the generator's gradient (autograd), the clipped norm, the warm-up, the EMA (closed form)."""
+the generator's gradient (autograd, with and without class labels), the fake score's extra steps, the clipped
+norm, the warm-up, the EMA (closed form)."""
 import torch
 
 from dmd_minimal.config import make_config
@@ -110,3 +111,39 @@ def test_ema_update_against_the_closed_form():
     for i, p in enumerate(ema.parameters()):   # 0.9^3 start + sum_k 0.1 * 0.9^(2-k) target_k
         expected = 0.9**3 * start[i] + sum(0.1 * 0.9 ** (2 - k) * targets[k][i] for k in range(3))
         torch.testing.assert_close(p, expected)
+
+
+def test_extra_fake_score_steps_train_on_fresh_samples_and_labels(tmp_path):
+    """--fake-steps-per-generator-step 3 (DMD2's rule with 5): the fake score takes 3 steps per generator step,
+    the 2nd and 3rd on fresh generator samples with fresh labels, each step on the samples of its own labels."""
+    cfg, nets, training, levels = tiny_dmd(tmp_path, batch_size=64, lambda_reg=0.0, fake_steps_per_generator_step=3)
+    made, trained = [], []   # the generator's (x, labels); the fake score's training inputs (x_t, sigma, labels)
+    nets["generator"].register_forward_hook(lambda net, args, x: made.append((x.detach(), args[1])))
+    nets["fake_score"].register_forward_pre_hook(lambda net, args: trained.append(args) if torch.is_grad_enabled()
+                                                 else None)
+    dmd_iteration(cfg, nets, training, None, levels, dict(generator=0, fake_score=0))
+
+    assert len(made) == len(trained) == 3
+    near = lambda x_t, x, sigma: (x_t - x).norm(dim=1) < 6 * sigma   # noqa: E731   x_t = x + sigma n, n in 2D
+    for k, ((x, labels), (x_t, sigma, fake_labels)) in enumerate(zip(made, trained)):
+        small = sigma < 0.05   # where x_t pins down the x it was made from
+        assert torch.equal(fake_labels, labels) and small.sum() >= 4 and near(x_t, x, sigma)[small].all(), k
+        if k > 0:   # fresh samples and labels: not the first step's
+            assert not torch.equal(labels, made[0][1]) and not near(x_t, made[0][0], sigma)[small].all(), k
+    step_count = lambda name: training["optimizers"][name].state[next(nets[name].parameters())]["step"]  # noqa: E731
+    assert step_count("fake_score") == 3 and step_count("generator") == 1
+
+
+def test_regression_pairs_reach_the_generator_with_their_labels(tmp_path):
+    """The regression loss compares G(z_pair, label_pair) with y (DMD Eq. 9, a class-conditional teacher's pairs)."""
+    cfg, nets, _, levels = tiny_dmd(tmp_path, batch_size=64, lambda_reg=1.0, distribution_matching=False,
+                                    grad_clip=1e9)
+    pair_batch = dict(z=torch.randn(64, 2), y=torch.randn(64, 2), labels=torch.arange(64) % LABEL_DIM)
+    gradient, metrics = generator_gradient(cfg, nets, pair_batch, levels, seed=1)
+
+    generator, params = nets["generator"], list(nets["generator"].parameters())
+    loss = regression_loss(generator(pair_batch["z"], pair_batch["labels"]), pair_batch["y"])
+    for g, expected in zip(gradient, torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(g, expected)
+    torch.testing.assert_close(metrics["loss_reg"], loss.item())
+    assert abs(regression_loss(generator(pair_batch["z"]), pair_batch["y"]).item() - loss.item()) > 1e-3   # labels matter
