@@ -22,7 +22,8 @@ from .report import write_log
 from .utils import DMDError, atomic_save, load_file
 
 # Fields that may change when a DMD run is resumed: they do not change what is computed (the teacher's
-# path and network flags may change; its identity is checked through the provenance).
+# path and network flags may change; its identity is checked through the provenance). dmd_steps may change
+# only without --cosine-decay, whose schedule it sets (checkpoint_to_resume).
 RESUMABLE_FIELDS = ("out", "stage", "device", "precision", "dist_timeout", "dry_run", "tensorboard",
                     "teacher", "resume", "data_dir", "download", "batch_gpu",
                     "model_channels", "channel_mult", "num_blocks",
@@ -119,6 +120,10 @@ def checkpoint_to_resume(cfg, out, provenance):
                        f"not {describe(provenance, differ)}: {fix}")
     fields = [f.name for f in dataclasses.fields(Config) if f.name not in RESUMABLE_FIELDS]
     check_same(saved["config"], cfg, fields, path, fix)
+    steps = saved["config"]["dmd_steps"]
+    if cfg.cosine_decay and steps != cfg.dmd_steps:   # the decay's length: the steps taken so far followed it
+        raise DMDError(f"{path} was made with dmd_steps={steps}, not {cfg.dmd_steps}, and --cosine-decay decays the "
+                       f"learning rates to 0 over --dmd-steps: resume with --dmd-steps {steps}, or {fix}")
     return path, saved
 
 

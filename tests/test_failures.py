@@ -129,13 +129,13 @@ def fail_halfway(monkeypatch):
 
 
 def test_a_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    train(tiny(tmp_path, dmd_steps=4))
+    train(tiny(tmp_path, dmd_steps=4, cosine_decay=False))   # continued to step 6: no decay over --dmd-steps
     checkpoints = {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint*.pt")}
     fail_halfway(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--out", str(tmp_path), "--hidden", "32", "--depth", "2", "--teacher-steps", "20",
                     "--teacher-batch", "64", "--num-pairs", "64", "--batch-size", "64", "--dmd-steps", "6",
-                    "--log-every", "2", "--checkpoint-every", "2", "--num-eval", "100"])
+                    "--log-every", "2", "--checkpoint-every", "2", "--num-eval", "100", "--no-cosine-decay"])
     message = exit_info.value.code
     assert message.startswith(f"error: cannot write {tmp_path / 'checkpoint.pt'} ([Errno 28] No space left")
     assert "\n" not in message

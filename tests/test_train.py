@@ -1,6 +1,7 @@
 """The training loop end to end on toy2d: it learns, it resumes exactly, the CLIs work and fail clearly."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,12 +14,13 @@ import pytest
 import torch
 
 from dmd_minimal.checkpoint import load_checkpoint
-from dmd_minimal.config import Config, parse_config
+from dmd_minimal.config import Config, make_config, parse_config
 from dmd_minimal.pairs import main as pairs_main
 from dmd_minimal.sample import main as sample_main
 from dmd_minimal.teacher import get_teacher
 from dmd_minimal.train import resolve, train
 from dmd_minimal.train import main as train_main
+from dmd_minimal.utils import DMDError
 
 TINY = dict(teacher_batch=256, num_pairs=2000, batch_size=256, num_eval=4000, log_every=10)
 
@@ -86,6 +88,31 @@ def test_resume_continues_exactly(teacher_path, tmp_path):
     for net in ("generator", "fake_score"):
         for key, value in a[net]["state_dict"].items():
             assert torch.equal(value, b[net]["state_dict"][key]), (net, key)
+
+
+def test_resume_continues_exactly_under_cosine_decay(teacher_path, tmp_path):
+    """The presets decay the learning rates to 0 over --dmd-steps: a run continued from step 4 (--resume) ends
+    as the uninterrupted run does, learning rates included. Another --dmd-steps would change the schedule that
+    the steps already taken followed: a one-line error."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = make_config("toy2d", teacher=teacher_path, dmd_steps=12, checkpoint_every=4, keep_checkpoints=3,
+                      **dict(TINY, num_pairs=256, batch_size=64, log_every=4, num_eval=100))
+    assert cfg.cosine_decay
+    train(dataclasses.replace(cfg, out=str(straight)))
+    train(dataclasses.replace(cfg, out=str(resumed), resume=str(straight / "checkpoint-0000004.pt")))
+    a, b = (load_checkpoint(folder / "checkpoint.pt") for folder in (straight, resumed))
+    untimed = lambda history: [{k: v for k, v in h.items() if k != "images_per_s"} for h in history]  # noqa: E731
+    assert a["step"] == b["step"] == 12 and untimed(a["history"]) == untimed(b["history"])
+    assert [h["lr"] for h in b["history"]] == pytest.approx([cfg.lr * 0.5 * (1 + math.cos(math.pi * step / 12))
+                                                            for step in (4, 8, 12)])   # after each logged step
+    for net in ("generator", "fake_score"):
+        for key, value in a[net]["state_dict"].items():
+            assert torch.equal(value, b[net]["state_dict"][key]), (net, key)
+    with pytest.raises(DMDError) as error:
+        train(dataclasses.replace(cfg, out=str(tmp_path / "longer"), resume=str(straight / "checkpoint-0000004.pt"),
+                                  dmd_steps=24))
+    assert "was made with dmd_steps=12, not 24, and --cosine-decay decays the learning rates to 0 over --dmd-steps: " \
+           "resume with --dmd-steps 12" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_resume_refuses_other_settings(teacher_path, tmp_path):
@@ -223,7 +250,7 @@ def test_flags_override_the_preset():
 def test_ctrl_c_saves_a_checkpoint_that_resumes(teacher_path, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--teacher", teacher_path, "--out", str(out), "--checkpoint-every", "100000", "--num-pairs", "200",
-            "--batch-size", "32", "--num-eval", "100"]
+            "--batch-size", "32", "--num-eval", "100", "--no-cosine-decay"]   # resumed with fewer --dmd-steps
 
     def press_ctrl_c():   # a second after the DMD loop started its log, as a user at the keyboard would
         while not (out / "log.jsonl").exists():
