@@ -89,6 +89,20 @@ def arrows(ax, x, v, color="C3", length=None, max_points=300):
               color=color, width=0.005, headwidth=3, headlength=3.5)
 
 
+def zoom_inset(ax, x, half=0.5, bounds=(0.52, 0.52, 0.46, 0.46)):
+    """An inset in ax's upper right showing the samples x [N, 2] within `half` of their median, as bigger dots, and a
+    box on ax where it looks: for a collapsed cloud too small to see at the full view."""
+    x = as_numpy(x)
+    centre = np.median(x, axis=0)
+    inset = ax.inset_axes(bounds)
+    inset.scatter(x[:, 0], x[:, 1], s=2, c="C0", alpha=0.5, linewidths=0, rasterized=True)
+    inset.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half), aspect="equal",
+              xticks=[], yticks=[])
+    inset.set_title(f"zoom x{ax.get_xlim()[1] / half:.0f}", fontsize=7, pad=2)
+    ax.indicate_inset_zoom(inset, edgecolor="0.3")
+    return inset
+
+
 def trajectories(ax, paths, title=None, lim=LIM, max_paths=200):
     """Paths [T, N, 2] (e.g. an ODE trajectory) as thin lines, with their end points as dots."""
     paths = as_numpy(paths)[:, :max_paths]

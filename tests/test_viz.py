@@ -147,3 +147,18 @@ def test_step_curves_draws_every_reference_line():
     assert [line.get_label() for line in lines] == ["DMD", *references]
     assert [line.get_ydata()[0] for line in lines[1:]] == list(references.values())
     plt.close(fig)
+
+
+def test_density_ratio_draws_the_log_ratio_and_arrows_up_it():
+    """1D: p_real = N(2, s^2) and p_fake = N(-2, s^2), so log(p_real,sigma / p_fake,sigma) = 4 x / (s^2 + sigma^2), a line,
+    and every arrow s_real - s_fake points to +x."""
+    real, fake = GaussianMixtureDenoiser([[2.0]], S), GaussianMixtureDenoiser([[-2.0]], S)
+    x = fake.sample(20, torch.Generator().manual_seed(0))                      # [20, 1]
+    fig, axes = plt.subplots(2, 1)
+    viz.density_ratio(axes, real, fake, x, 1.0)
+    u, ratio = axes[1].get_lines()[0].get_data()
+    np.testing.assert_allclose(ratio, 4 * u / (S**2 + 1.0), rtol=1e-4, atol=1e-4)
+    (quiver,) = [c for c in axes[1].collections if isinstance(c, matplotlib.quiver.Quiver)]
+    np.testing.assert_allclose(quiver.get_offsets()[:, 0], x[:, 0].numpy())
+    assert quiver.U.min() > 0 and np.allclose(quiver.V, 0)
+    plt.close(fig)
