@@ -98,7 +98,8 @@ def zoom_inset(ax, x, half=0.5, bounds=(0.52, 0.52, 0.46, 0.46)):
     inset.scatter(x[:, 0], x[:, 1], s=2, c="C0", alpha=0.5, linewidths=0, rasterized=True)
     inset.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half), aspect="equal",
               xticks=[], yticks=[])
-    inset.set_title(f"zoom x{ax.get_xlim()[1] / half:.0f}", fontsize=7, pad=2)
+    inset.text(0.5, 0.03, f"zoom x{ax.get_xlim()[1] / half:.0f}", transform=inset.transAxes, ha="center", va="bottom",
+               fontsize=7)
     ax.indicate_inset_zoom(inset, edgecolor="0.3")
     return inset
 
