@@ -118,8 +118,9 @@ def numbers_in(value, key=None):
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from numbers_in(v, key)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not (key == "mode_kl" and value == math.inf):
-        yield value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not (key == "mode_kl" and value == math.inf):
+            yield value
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -128,7 +129,8 @@ def test_notebook_runs(path, kernel):
     notebook.cells.insert(0, nbformat.v4.new_code_cell("%reset -f"))   # nothing left from the notebook before
     expression = KEY_NUMBERS.get(path.stem)
     if expression:   # the numbers the prose quotes, printed as JSON by one more cell
-        notebook.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint(_json.dumps({expression}, default=float))"))
+        code = f"import json as _json\nprint(_json.dumps({expression}, default=float))"
+        notebook.cells.append(nbformat.v4.new_code_cell(code))
     client = NotebookClient(notebook, km=kernel, timeout=600)            # per cell, for a busy CI
     try:
         client.execute()
@@ -139,6 +141,7 @@ def test_notebook_runs(path, kernel):
         return
     numbers = json.loads(notebook.cells[-1].outputs[0].text)
     values = list(numbers_in(numbers))
-    assert values and all(math.isfinite(v) for v in values), f"{path.name}: a key number is missing or not finite: {numbers}"
+    assert values and all(math.isfinite(v) for v in values), \
+        f"{path.name}: a key number is missing or not finite: {numbers}"
     failed = [claim for claim, holds in key_claims(path.stem, numbers) if not holds]
     assert not failed, f"{path.name} at DMD_FAST=1 contradicts its prose: {'; '.join(failed)}\n{numbers}"

@@ -150,8 +150,8 @@ def test_step_curves_draws_every_reference_line():
 
 
 def test_density_ratio_draws_the_log_ratio_and_arrows_up_it():
-    """1D: p_real = N(2, s^2) and p_fake = N(-2, s^2), so log(p_real,sigma / p_fake,sigma) = 4 x / (s^2 + sigma^2), a line,
-    and every arrow s_real - s_fake points to +x."""
+    """1D: p_real = N(2, s^2) and p_fake = N(-2, s^2), so log(p_real,sigma / p_fake,sigma) = 4 x / (s^2 + sigma^2),
+    a line, and every arrow s_real - s_fake points to +x."""
     real, fake = GaussianMixtureDenoiser([[2.0]], S), GaussianMixtureDenoiser([[-2.0]], S)
     x = fake.sample(20, torch.Generator().manual_seed(0))                      # [20, 1]
     fig, axes = plt.subplots(2, 1)
