@@ -101,6 +101,7 @@ def training_curves(history, teacher_scores, path):
             ax.set_yscale("log")
         if keys == ("fid",) and any(ax.get_lines()):   # FID from ~100 down to ~10: label the minor ticks too
             plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 20, not 2 x 10^1
+            ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(1.2, 1.5, 2, 3, 5, 7)))   # 12 and 15 too
             ax.yaxis.set_major_formatter(plain)
             ax.yaxis.set_minor_formatter(plain)
         if ax.get_legend_handles_labels()[0]:
