@@ -36,6 +36,16 @@ class GaussianMixtureDenoiser(nn.Module):
         posterior = self.centers.flatten(1)[None] + shrink[:, None, None] * diff   # [B, K, d]
         return (r[:, :, None] * posterior).sum(1).reshape(x.shape)
 
+    def log_prob(self, x, sigma):
+        """log p_sigma(x) [B] of the noised mixture, whose components are N(c_k, (s^2 + sigma^2) I)."""
+        x = x.float()
+        sigma = as_sigma(sigma, x)                                   # [B]
+        var_t = self.std**2 + sigma**2                               # [B]
+        diff = x.flatten(1)[:, None, :] - self.centers.flatten(1)[None]   # [B, K, d]
+        dims = diff.shape[-1]
+        log_normal = -0.5 * diff.pow(2).sum(-1) / var_t[:, None] - 0.5 * dims * torch.log(2 * torch.pi * var_t)[:, None]
+        return torch.logsumexp(log_normal + self.log_weights, dim=1)
+
     def sample(self, n, generator=None):
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         noise = torch.randn((n,) + self.centers.shape[1:], generator=generator)

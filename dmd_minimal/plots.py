@@ -97,8 +97,13 @@ def training_curves(history, teacher_scores, path):
                     ax.axhline(scores[key], ls=style, lw=1.2, color="C3" if len(keys) == 1 else f"C{k}",
                                label=label if len(keys) == 1 else f"{label}: {key}")
         ax.set(title=title, xlabel="step")
-        if records is history and any(ax.get_lines()):
+        if keys != ("precision", "recall") and any(ax.get_lines()):   # losses, norms and FID span decades
             ax.set_yscale("log")
+        if keys == ("fid",) and any(ax.get_lines()):   # FID from ~100 down to ~10: label the minor ticks too
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")   # 20, not 2 x 10^1
+            ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(1.2, 1.5, 2, 3, 5, 7)))   # 12 and 15 too
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -4,7 +4,7 @@ Each helper draws onto an Axes the caller made with `panels`, so a notebook comp
 a few calls; nothing is saved (plots.py writes the training report's files). 2D helpers take torch
 tensors or numpy arrays of shape [N, 2]. The exceptions close the file: tutorial 03's two figures of the
 DMD gradient s_real - s_fake (`score_rows`, `training_strip`, drawn from `dmd_fields`) and tutorial 05's
-gradient of one image (`dmd_image_rows`) are whole figures, shown through `small_png` to keep the notebooks small.
+update of one image (`dmd_image_rows`) are whole figures, shown through `small_png` to keep the notebooks small.
 """
 import math
 
@@ -66,6 +66,20 @@ def field(ax, points, vectors, title=None, color="C0", lim=LIM):
     frame(ax, title, lim)
 
 
+def heat_map(ax, points, values, title=None, log=True, cmap="magma"):
+    """Values [M] given at grid_points [M, 2] as an image (log colour scale by default); returns it for a colour bar."""
+    import matplotlib.colors as mcolors
+
+    p, v = as_numpy(points), as_numpy(values)
+    n = math.isqrt(len(p))
+    lim = float(p[:, 0].max())
+    norm = mcolors.LogNorm(vmin=max(float(v.min()), 1e-12), vmax=float(v.max())) if log else None
+    image = ax.imshow(v.reshape(n, n), origin="lower", extent=(-lim, lim, -lim, lim), cmap=cmap, norm=norm,
+                      interpolation="nearest")
+    frame(ax, title, lim)
+    return image
+
+
 def arrows(ax, x, v, color="C3", length=None, max_points=300):
     """Arrows from points x along v, to scale (x + v is the tip), or all `length` long (directions only)."""
     x, v = as_numpy(x)[:max_points], as_numpy(v)[:max_points]
@@ -73,6 +87,21 @@ def arrows(ax, x, v, color="C3", length=None, max_points=300):
         v = length * v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
     ax.quiver(x[:, 0], x[:, 1], v[:, 0], v[:, 1], angles="xy", scale_units="xy", scale=1,
               color=color, width=0.005, headwidth=3, headlength=3.5)
+
+
+def zoom_inset(ax, x, half=0.5, bounds=(0.52, 0.52, 0.46, 0.46)):
+    """An inset in ax's upper right showing the samples x [N, 2] within `half` of their median, as bigger dots, and a
+    box on ax where it looks: for a collapsed cloud too small to see at the full view."""
+    x = as_numpy(x)
+    centre = np.median(x, axis=0)
+    inset = ax.inset_axes(bounds)
+    inset.scatter(x[:, 0], x[:, 1], s=2, c="C0", alpha=0.5, linewidths=0, rasterized=True)
+    inset.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half), aspect="equal",
+              xticks=[], yticks=[])
+    inset.text(0.5, 0.03, f"zoom x{ax.get_xlim()[1] / half:.0f}", transform=inset.transAxes, ha="center", va="bottom",
+               fontsize=7)
+    ax.indicate_inset_zoom(inset, edgecolor="0.3")
+    return inset
 
 
 def trajectories(ax, paths, title=None, lim=LIM, max_paths=200):
@@ -110,6 +139,49 @@ def metrics_table(rows, digits=3):
         cells = [f"{v:.{digits}g}" if isinstance(v, float) else "-" if v is None else str(v) for v in values]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def source(*functions):
+    """The code of functions, without their docstrings, as a Markdown block: a notebook shows the package's lines."""
+    import inspect
+
+    from IPython.display import Markdown
+
+    blocks = []
+    for f in functions:
+        code = inspect.getsource(f)
+        if f.__doc__:
+            head, _, rest = code.partition('"""')
+            code = head.rstrip(" ") + rest.partition('"""')[2].lstrip("\n")   # drop the docstring and its line
+        blocks.append(code.rstrip())
+    return Markdown("```python\n" + "\n\n".join(blocks) + "\n```")
+
+
+def density_ratio(axes, real, fake, x, sigma, lim=4.0, num_arrows=40):
+    """One noise level of a 1D DMD picture, on two axes (a column): top p_real,sigma and p_fake,sigma; bottom
+    log(p_real,sigma / p_fake,sigma) with the samples x [N, 1] on it, each with an arrow along s_real - s_fake
+    there. real and fake are gaussian.GaussianMixtureDenoisers (their log_prob is exact); one arrow scale per call."""
+    from .denoiser import score   # here: the other notebooks import viz without the denoisers
+
+    u = torch.linspace(-lim, lim, 400)[:, None]                                   # [400, 1]
+    log_real, log_fake = real.log_prob(u, sigma), fake.log_prob(u, sigma)        # [400]
+    top, bottom = axes
+    top.plot(u[:, 0], log_real.exp(), color="C1", label="p_real,sigma (data)")
+    top.plot(u[:, 0], log_fake.exp(), color="C0", label="p_fake,sigma (generator)")
+    top.set(title=f"sigma = {sigma:g}", xlim=(-lim, lim), yticks=[])
+    ratio = as_numpy(log_real - log_fake)
+    bottom.plot(u[:, 0], ratio, color="k", linewidth=1)
+    bottom.axhline(0, color="0.7", linewidth=0.8)
+    x = torch.as_tensor(x).float()[:num_arrows]                                  # [n, 1]
+    push = as_numpy(score(real, x, sigma) - score(fake, x, sigma))[:, 0]         # s_real - s_fake at x
+    height = as_numpy(real.log_prob(x, sigma) - fake.log_prob(x, sigma))
+    length = 0.12 * 2 * lim * push / (np.abs(push).max() + 1e-12)                # the longest: 12% of the width
+    bottom.quiver(as_numpy(x)[:, 0], height, length, np.zeros_like(length), angles="xy", scale_units="xy", scale=1,
+                  color="C3", width=0.008, headwidth=3.5, headlength=4, zorder=3)
+    bottom.plot(as_numpy(x)[:, 0], height, "|", color="C0", markersize=8, zorder=4)
+    low = min(float(height.min()), float(ratio.min()))
+    bottom.set(xlim=(-lim, lim), ylim=(low - 0.1 * (float(ratio.max()) - low), float(ratio.max()) + 0.5), xlabel="x",
+               ylabel="log p_real,sigma / p_fake,sigma" if bottom.get_subplotspec().is_first_col() else None)
 
 
 # --- The DMD gradient, drawn (tutorial 03) ------------------------------------------------------------------
@@ -174,18 +246,26 @@ def samples_with_updates(ax, x, update, size=None, length=0.8, key=True):
     (default: their 90th percentile) is drawn `length` long, as a key under the panel shows. Returns the quiver."""
     x, update = as_numpy(x)[:ARROWS], as_numpy(update)[:ARROWS]
     size = size or update_size([update])
-    q = ax.quiver(x[:, 0], x[:, 1], update[:, 0], update[:, 1], angles="xy", scale_units="xy",
-                  scale=size / length, color="C3", width=0.007, headwidth=3.5, headlength=4, zorder=4)
+    arrow = update * (length / size)                                             # in the panel's units
+    norm = np.linalg.norm(arrow, axis=1, keepdims=True) + 1e-12
+    arrow = arrow * np.minimum(1, 2 * length / norm)                             # cut at twice the key's length
+    lim = ax.get_xlim()[1]                                                       # the caller framed the panel
+    safe = np.where(arrow != 0, arrow, 1)
+    inside = np.min(np.where(arrow != 0, (np.sign(arrow) * lim - x) / safe, 1), axis=1)   # fraction to the edge
+    arrow = arrow * np.clip(inside, 0, 1)[:, None]                               # and at the panel's edge
+    q = ax.quiver(x[:, 0], x[:, 1], arrow[:, 0], arrow[:, 1], angles="xy", scale_units="xy",
+                  scale=1, color="C3", width=0.007, headwidth=3.5, headlength=4, zorder=4)
     ax.scatter(x[:, 0], x[:, 1], s=9, c="k", edgecolors="white", linewidths=0.4, zorder=5)
     if key:
         key = float(f"{size:.1g}")                                               # a round length near `size`
-        ax.quiverkey(q, 0.62, -0.05, key, f"update {key:g}", labelpos="E", fontproperties=dict(size=8))
+        ax.quiverkey(q, 0.62, -0.05, key * length / size, f"update {key:g}", labelpos="E",
+                     fontproperties=dict(size=8))
     return q
 
 
 LEGEND = ("orange +: the data's modes    black dots: the generator's samples x = G(z)\n"
           "red arrows: each sample's DMD update -grad = w (mu_real - mu_fake), averaged over the noise "
-          "(scale: the key)\n"
+          "(scale: the key; cut at twice its length)\n"
           "colour: the length of the field drawn, one scale per row    grey lines: the field's streamlines")
 
 
@@ -268,11 +348,12 @@ def _show_image(ax, image, title, value_range=(-1, 1)):
 
 
 def dmd_image_rows(x, sigma, terms, mean_grad=None, size=1.7):
-    """The DMD gradient of one image x [C, H, W], one row per noise level sigma [rows]: terms are dmd_loss.dmd_terms
+    """The DMD update of one image x [C, H, W], one row per noise level sigma [rows]: terms are dmd_loss.dmd_terms
     of x repeated once per row at those sigmas; mean_grad [rows, C, H, W] (optional) its grad averaged over many
-    draws of the noise. x (first row), x_t (scaled to its own range), mu_real and mu_fake in grey; grad = w (mu_fake
-    - mu_real) (the channels' mean) on a diverging scale symmetric about 0, one for all rows (another for mean_grad)."""
-    grads = [as_numpy(g).mean(1) for g in (terms["grad"], mean_grad) if g is not None]   # [rows, H, W] each
+    draws of the noise. x (first row), x_t (scaled to its own range), mu_real and mu_fake in grey; the step L_DM
+    takes, -grad = w (mu_real - mu_fake) (the channels' mean), on a diverging scale symmetric about 0 (red: the
+    pixel is made brighter), one for all rows (another for mean_grad)."""
+    grads = [-as_numpy(g).mean(1) for g in (terms["grad"], mean_grad) if g is not None]   # [rows, H, W] each
     ratios = [1] * 4 + [1, 0.08] * len(grads)                                     # the grads with their colour bars
     fig, axes = plt.subplots(len(sigma), len(ratios), figsize=(sum(ratios) * size + 0.6, size * len(sigma)), dpi=DPI,
                              squeeze=False, gridspec_kw=dict(width_ratios=ratios))
@@ -285,7 +366,7 @@ def dmd_image_rows(x, sigma, terms, mean_grad=None, size=1.7):
         _show_image(a[1], x_t, f"x_t, sigma = {s:g}", (float(x_t.min()), float(x_t.max())))
         _show_image(a[2], terms["mu_real"][row], "mu_real (teacher)")
         _show_image(a[3], terms["mu_fake"][row], "mu_fake (fake score)")
-        titles = (f"grad, w = {float(terms['w'][row]):.3g}", "grad, mean over n")
+        titles = (f"-grad, w = {float(terms['w'][row]):.3g}", "-grad, mean over n")
         for k, (grad, title) in enumerate(zip(grads, titles)):
             ax, cax, limit = a[4 + 2 * k], a[5 + 2 * k], float(np.abs(grad).max()) + 1e-12
             image = ax.imshow(grad[row], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")

@@ -25,6 +25,17 @@ def test_mixture_score_matches_autograd(toy, sigma):
     assert torch.allclose(score(D, x.detach(), sigma), expected, rtol=1e-3, atol=1e-3 / sigma**2)
 
 
+@pytest.mark.parametrize("sigma", [0.05, 1.0, 10.0])
+def test_mixture_log_prob_is_the_density_whose_gradient_is_the_score(sigma):
+    D = GaussianMixtureDenoiser(torch.tensor([[-2.0], [2.0]]), 0.3, weights=[0.3, 0.7])
+    x = torch.linspace(-4 - 6 * sigma, 4 + 6 * sigma, 2001)[:, None]
+    density = D.log_prob(x, sigma).exp()
+    assert torch.allclose(density.sum() * (x[1] - x[0]), torch.tensor(1.0), atol=1e-3)   # a normalised density
+    x = x[::50].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(D.log_prob(x, sigma).sum(), x)
+    assert torch.allclose(score(D, x.detach(), sigma), expected, rtol=1e-3, atol=1e-4)
+
+
 def test_mixture_works_on_image_shapes():
     centers = torch.randn(3, 2, 4, 4)
     D = GaussianMixtureDenoiser(centers, 0.2)

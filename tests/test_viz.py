@@ -72,7 +72,10 @@ def test_score_rows(rows):
         quiver = axes[2].collections[-2]                                         # the update arrows, then the dots
         assert isinstance(quiver, matplotlib.quiver.Quiver)
         np.testing.assert_allclose(quiver.get_offsets(), f["x"])                 # one arrow at each sample
-        np.testing.assert_allclose(np.stack([quiver.U, quiver.V], 1), f["update"], rtol=1e-6)
+        drawn = np.stack([quiver.U, quiver.V], 1)
+        unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)           # noqa: E731
+        np.testing.assert_allclose(unit(drawn), unit(f["update"]), atol=1e-5)    # each arrow along its update
+        assert np.abs(f["x"] + drawn).max() <= axes[2].get_xlim()[1] + 1e-6      # and its tip inside the panel
         assert quiver.U.min() > 0 and np.allclose(quiver.V, 0, atol=1e-5)       # pointing from the fake to the real
         assert caption in [t.get_text() for t in subfig.texts]
     assert scales[0] != scales[1]                                                # the scale belongs to the row
@@ -87,7 +90,9 @@ def test_training_strip(rows):
         assert len(subfig.axes) == len(snapshots) + 1                          # a panel per step, a colour bar
         assert len({tuple(bands(ax).levels) for ax in subfig.axes[:-1]}) == 1     # one colour scale across the steps
     quivers = [ax.collections[-2] for ax in bottom.axes[:-1]]
-    assert len({q.scale for q in quivers}) == 1                                  # one arrow scale across the steps
+    scales = [np.max(np.hypot(q.U, q.V) / np.linalg.norm(f["update"], axis=1)) for q, f in zip(quivers, rows)]
+    np.testing.assert_allclose(scales, scales[0], rtol=1e-5)                     # one arrow scale across the steps
+    # (the longest arrows are cut, so the largest drawn / update ratio is the scale)
     assert [ax.get_title() for ax in top.axes[:-1]] == ["step 0: s_fake, sigma = 0.5", "step 10: s_fake, sigma = 2"]
     plt.close(fig)
 
@@ -107,7 +112,8 @@ def test_small_png_is_a_palette_png_and_closes_the_figure(rows):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_dmd_image_rows_draws_the_terms(channels):
     """Real images N(+0.5, s^2 I), the generator's N(-0.5, s^2 I): mu_fake - mu_real = -sigma^2 / (s^2 + sigma^2)
-    in every pixel, so grad < 0 everywhere (blue: x - grad brightens it), on a scale symmetric about 0."""
+    in every pixel, so grad < 0 everywhere and the drawn update -grad > 0 (red: x - grad brightens it), on a scale
+    symmetric about 0."""
     from dmd_minimal.dmd_loss import dmd_terms
 
     shape, sigma = (channels, 4, 4), torch.tensor([0.5, 2.0, 10.0])
@@ -118,7 +124,7 @@ def test_dmd_image_rows_draws_the_terms(channels):
     mean_grad = torch.stack([dmd_terms(x.expand(8, -1, -1, -1), s.expand(8), real, fake)["grad"].mean(0)
                              for s in sigma])                                    # [3, C, 4, 4]
     fig = viz.dmd_image_rows(x[0], sigma, terms, mean_grad)
-    axes = np.array(fig.axes).reshape(3, 8)          # x, x_t, mu_real, mu_fake, grad, colour bar, mean grad, colour bar
+    axes = np.array(fig.axes).reshape(3, 8)          # x, x_t, mu_real, mu_fake, -grad, colour bar, its mean, colour bar
     assert axes[0, 0].get_title() == "x = G(z)" and not axes[1, 0].axison
     assert [ax.get_title() for ax in axes[:, 1]] == ["x_t, sigma = 0.5", "x_t, sigma = 2", "x_t, sigma = 10"]
     for column, grad in ((4, terms["grad"]), (6, mean_grad)):
@@ -128,8 +134,8 @@ def test_dmd_image_rows_draws_the_terms(channels):
         assert lo == -hi and hi >= grad.mean(1).abs().max()                      # symmetric, nothing off the scale
         for row, ax in enumerate(axes[:, column]):
             drawn = ax.get_images()[0].get_array()
-            np.testing.assert_allclose(drawn, grad[row].mean(0).numpy(), rtol=1e-6)   # the channels' mean
-            assert drawn.max() < 0
+            np.testing.assert_allclose(drawn, -grad[row].mean(0).numpy(), rtol=1e-6)   # the channels' mean
+            assert drawn.min() > 0
     plt.close(fig)
 
 
@@ -140,4 +146,19 @@ def test_step_curves_draws_every_reference_line():
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["DMD", *references]
     assert [line.get_ydata()[0] for line in lines[1:]] == list(references.values())
+    plt.close(fig)
+
+
+def test_density_ratio_draws_the_log_ratio_and_arrows_up_it():
+    """1D: p_real = N(2, s^2) and p_fake = N(-2, s^2), so log(p_real,sigma / p_fake,sigma) = 4 x / (s^2 + sigma^2),
+    a line, and every arrow s_real - s_fake points to +x."""
+    real, fake = GaussianMixtureDenoiser([[2.0]], S), GaussianMixtureDenoiser([[-2.0]], S)
+    x = fake.sample(20, torch.Generator().manual_seed(0))                      # [20, 1]
+    fig, axes = plt.subplots(2, 1)
+    viz.density_ratio(axes, real, fake, x, 1.0)
+    u, ratio = axes[1].get_lines()[0].get_data()
+    np.testing.assert_allclose(ratio, 4 * u / (S**2 + 1.0), rtol=1e-4, atol=1e-4)
+    (quiver,) = [c for c in axes[1].collections if isinstance(c, matplotlib.quiver.Quiver)]
+    np.testing.assert_allclose(quiver.get_offsets()[:, 0], x[:, 0].numpy())
+    assert quiver.U.min() > 0 and np.allclose(quiver.V, 0)
     plt.close(fig)
