@@ -128,10 +128,10 @@ def dry_run(cfg, build_dmd, dmd_iteration):
                 seconds_per_step=per_image * share)
     say(f"dry run of {cfg.dataset} on {device} ({world_size} process(es)), random weights, nothing written to {cfg.out}:")
     say(f"  networks     teacher, generator and fake score: {plan['parameters'] / 1e6:.1f}M parameters each "
-          f"({type(teacher.backbone).__name__})" + (f"; LPIPS {lpips_name}, "
-          f"{sum(p.numel() for p in lpips.parameters()) / 1e6:.1f}M" if lpips is not None else ""))
+        f"({type(teacher.backbone).__name__})" + (f"; LPIPS {lpips_name}, "
+        f"{sum(p.numel() for p in lpips.parameters()) / 1e6:.1f}M" if lpips is not None else ""))
     say(f"  iteration    {seconds:.2f} s at {micro} images per process: {per_image:.3f} s per image, "
-          f"{plan['seconds_per_step']:.1f} s per step of the preset's {share} images per process")
+        f"{plan['seconds_per_step']:.1f} s per step of the preset's {share} images per process")
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
         per_image_bytes = max(peak - peak_one, 1) / (micro - 1)
@@ -139,8 +139,8 @@ def dry_run(cfg, build_dmd, dmd_iteration):
         batch_gpu = max((d for d in range(1, min(fits, share) + 1) if share % d == 0), default=0)
         plan.update(bytes_per_image=per_image_bytes, batch_gpu=batch_gpu)
         say(f"  memory       {per_image_bytes / 2**30:.2f} GiB per image, {(peak_one - per_image_bytes) / 2**30:.1f} "
-              f"GiB for the networks: --batch-gpu {batch_gpu} fits {memory / 2**30:.0f} GiB"
-              + ("" if batch_gpu else " (nothing fits: a smaller network or more memory)"))
+            f"GiB for the networks: --batch-gpu {batch_gpu} fits {memory / 2**30:.0f} GiB"
+            + ("" if batch_gpu else " (nothing fits: a smaller network or more memory)"))
     size, save_seconds = checkpoint_cost(cfg, nets, training)
     plan.update(checkpoint_bytes=size, checkpoint_seconds=save_seconds)
     say(f"  checkpoint   {size / 1e9:.2f} GB, saved in {save_seconds:.1f} s (every {cfg.checkpoint_every} steps)")
@@ -151,13 +151,13 @@ def dry_run(cfg, build_dmd, dmd_iteration):
     if needs_pairs:
         shape = "x".join(map(str, sample_shape(teacher)))
         say(f"  pairs        {cfg.num_pairs:,} x {shape} float32: {cfg.num_pairs * pixels * 4 / 1e9:.2f} GB on disk, "
-              f"{2 * cfg.pair_steps - 1} teacher evaluations each")
+            f"{2 * cfg.pair_steps - 1} teacher evaluations each")
     teacher_note = "" if cfg.dataset not in TRAINED_HERE else " (plus training the teacher, when OUT has none)"
     for n in sorted({1, 8, world_size}):
         total = pair_seconds / n + cfg.dmd_steps * per_image * cfg.batch_size / n
         say(f"  estimate     on {n} process(es) like this one, at {micro} images per pass: pairs {duration(pair_seconds / n)}, "
-              f"{cfg.dmd_steps:,} DMD steps at batch {cfg.batch_size} {duration(total - pair_seconds / n)}: "
-              f"{duration(total)}{teacher_note}")
+            f"{cfg.dmd_steps:,} DMD steps at batch {cfg.batch_size} {duration(total - pair_seconds / n)}: "
+            f"{duration(total)}{teacher_note}")
         plan[f"seconds_on_{n}"] = total
     say("  note         larger passes (--batch-gpu) take less time per image; the pairs are made 256 at a time"
         + (f"; regression batches assumed as large as --batch-size ({cfg.batch_size})"

@@ -119,13 +119,6 @@ def step_optimizer(net, optimizer, grad_clip, scaler=None):
     return norm
 
 
-def apply_gradients(loss, net, optimizer, grad_clip, scaler=None):
-    """Backward, clip, step (step_optimizer). Returns the gradient's norm."""
-    optimizer.zero_grad(set_to_none=True)
-    backward(loss, scaler)
-    return step_optimizer(net, optimizer, grad_clip, scaler)
-
-
 def generator_step(cfg, nets, optimizer, pair_batch, levels, scaler=None):
     """One generator update: L_DM + lambda_reg L_reg (DMD Eq. 9 and Algorithm 1).
 
